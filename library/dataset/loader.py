@@ -1,0 +1,260 @@
+"""The training dataset: images placed in buckets, batches planned per epoch, pixels or cached latents.
+
+`build_dataset(cfg)` reads only the dataset folders (no model). Each item of the dataset is one
+batch: images of one bucket, `cfg.train_batch_size` of them (the last batch of a bucket may be
+smaller), in an order shuffled deterministically from (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from library.dataset import buckets as bk
+from library.dataset.captions import tag_frequency
+from library.dataset.folders import Subset, discover_subsets
+from library.dataset.images import image_size, load_pixels
+from library.errors import UserError, not_supported
+
+logger = logging.getLogger(__name__)
+
+# kohya dataset options whose feature is not built yet; a truthy value is refused, never ignored.
+NOT_BUILT_YET = (
+    "dataset_config", "reg_data_dir", "in_json", "dataset_class", "shuffle_caption", "keep_tokens",
+    "keep_tokens_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
+    "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_step",
+    "color_aug", "flip_aug", "random_crop", "face_crop_aug_range", "alpha_mask", "masked_loss",
+    "cache_latents_to_disk",
+)
+
+
+@dataclass
+class ImageRecord:
+    """One unique image: where it is, its caption, and where it goes (bucket and resized size)."""
+
+    path: str
+    caption: str
+    num_repeats: int
+    is_reg: bool
+    size: bk.Size
+    bucket: bk.Size | None = None
+    resized: bk.Size | None = None
+    ar_error: float = 0.0
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """How images are sized: one fixed resolution, or aspect-ratio buckets."""
+
+    resolution: bk.Size
+    enable_bucket: bool = False
+    min_reso: int | None = None
+    max_reso: int | None = None
+    steps: int | None = None
+    no_upscale: bool = False
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "BucketSettings":
+        """Read and check the bucket options (kohya's checks, as one-line errors)."""
+        if getattr(cfg, "resolution", None) is None:
+            raise UserError("--resolution is required, e.g. --resolution 512 or --resolution 512,768")
+        resolution = bk.parse_resolution(cfg.resolution)
+        if not getattr(cfg, "enable_bucket", False):
+            return cls(resolution)
+        low, high = _option(cfg, "min_bucket_reso", 256), _option(cfg, "max_bucket_reso", 1024)
+        steps = _option(cfg, "bucket_reso_steps", 64)
+        if steps < 1 or low < 1:
+            raise UserError(f"--bucket_reso_steps {steps} and --min_bucket_reso {low} must be positive")
+        if min(resolution) < low:
+            raise UserError(f"--min_bucket_reso {low} is larger than --resolution {cfg.resolution}: lower it")
+        if max(resolution) > high:
+            raise UserError(f"--max_bucket_reso {high} is smaller than --resolution {cfg.resolution}: raise it")
+        return cls(resolution, True, low, high, steps, bool(getattr(cfg, "bucket_no_upscale", False)))
+
+    def place(self, record: ImageRecord, predefined: list[bk.Size]) -> None:
+        """Set the record's bucket, resized size and aspect-ratio error."""
+        width, height = record.size
+        if self.enable_bucket and self.no_upscale:
+            area = self.resolution[0] * self.resolution[1]
+            placed = bk.no_upscale_bucket(width, height, area, self.steps)
+            if min(placed[0]) == 0:
+                raise UserError(f"image {record.path} ({width}x{height}) is smaller than --bucket_reso_steps "
+                                f"{self.steps}: remove it or lower the step")
+        else:
+            placed = bk.select_bucket(width, height, predefined)
+        record.bucket, record.resized, record.ar_error = placed
+
+    def predefined(self) -> list[bk.Size]:
+        """The buckets an image may be put in (unused with bucket_no_upscale)."""
+        if not self.enable_bucket:
+            return [self.resolution]  # without buckets every image covers, then is cropped to, one size
+        return bk.make_bucket_resolutions(self.resolution, self.min_reso, self.max_reso, self.steps)
+
+
+def _option(cfg, name: str, default: int) -> int:
+    """An integer option, kohya's default when it is absent or None."""
+    value = getattr(cfg, name, None)
+    return default if value is None else int(value)
+
+
+def epoch_rng(seed: int, epoch: int) -> random.Random:
+    """The random source of one epoch: the same (seed, epoch) always gives the same order."""
+    return random.Random(f"{seed}:{epoch}")
+
+
+def plan_batches(records: list[ImageRecord], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Batches of record indices: each image num_repeats times, batches within one bucket, order shuffled.
+
+    Buckets are filled in sorted bucket order, each bucket's entries shuffled, cut into batches of
+    `batch_size` (the last one may be short), then all batches shuffled (kohya's scheme).
+    """
+    groups: dict[bk.Size, list[int]] = {}
+    for index, record in enumerate(records):
+        groups.setdefault(record.bucket, []).extend([index] * record.num_repeats)
+    batches = []
+    for bucket in sorted(groups):
+        members = groups[bucket]
+        rng.shuffle(members)
+        batches.extend(members[start:start + batch_size] for start in range(0, len(members), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+class TrainDataset:
+    """Batches of one epoch. `dataset[i]` is batch i: a dict of images or latents, captions, is_reg."""
+
+    def __init__(self, subsets: list[Subset], records: list[ImageRecord], settings: BucketSettings,
+                 batch_size: int, seed: int):
+        self.subsets = subsets
+        self.records = records
+        self.settings = settings
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.latent_cache = None  # set by cache_latents; then items carry latents instead of images
+        self._batches = plan_batches(records, batch_size, epoch_rng(seed, 0))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-plan batches for `epoch`; independent of earlier calls, so a resumed run sees the same order."""
+        self.epoch = epoch
+        self._batches = plan_batches(self.records, self.batch_size, epoch_rng(self.seed, epoch))
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, index: int) -> dict:
+        members = [self.records[i] for i in self._batches[index]]
+        images = latents = None
+        if self.latent_cache is not None:
+            latents = torch.stack([self.latent_cache.get(r.path) for r in members])
+        else:
+            images = torch.stack([load_pixels(r.path, r.resized, r.bucket) for r in members])
+        return {
+            "images": images,
+            "latents": latents,
+            "captions": [r.caption for r in members],
+            "is_reg": torch.tensor([r.is_reg for r in members], dtype=torch.bool),
+            "image_paths": [r.path for r in members],
+        }
+
+    def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 1) -> None:
+        """Encode every unique image once and keep the latents in memory (see library.caching)."""
+        from library.caching import cache_latents
+
+        cache_latents(self, encode, batch_size)
+
+    def verify_bucket_reso_steps(self, min_steps: int) -> None:
+        """The model family needs bucket sides divisible by `min_steps` (kohya: 64 for SD1/2, 32 for SDXL)."""
+        steps = self.settings.steps
+        if self.settings.enable_bucket and steps % min_steps:
+            raise UserError(f"--bucket_reso_steps {steps} must be divisible by {min_steps} for this model")
+
+    def bucket_counts(self) -> dict[bk.Size, int]:
+        """Images per bucket, repeats included, in sorted bucket order."""
+        counts: dict[bk.Size, int] = {}
+        for record in self.records:
+            counts[record.bucket] = counts.get(record.bucket, 0) + record.num_repeats
+        return dict(sorted(counts.items()))
+
+    @property
+    def info(self) -> dict:
+        """Dataset facts for ss_* metadata, in the shapes kohya's train_network.py writes."""
+        s = self.settings
+        dirs: dict[str, dict] = {}
+        reg_dirs: dict[str, dict] = {}
+        tags: dict[str, dict[str, int]] = {}
+        for subset in self.subsets:
+            target = reg_dirs if subset.is_reg else dirs
+            target[subset.name] = {"n_repeats": subset.num_repeats, "img_count": subset.img_count}
+            counts = tags.setdefault(subset.name, {})
+            for tag, n in tag_frequency(subset.captions).items():
+                counts[tag] = counts.get(tag, 0) + n
+        return {
+            "num_train_images": sum(s_.num_repeats * s_.img_count for s_ in self.subsets if not s_.is_reg),
+            "num_reg_images": sum(s_.num_repeats * s_.img_count for s_ in self.subsets if s_.is_reg),
+            "dataset_dirs": dirs,
+            "reg_dataset_dirs": reg_dirs,
+            "tag_frequency": tags,
+            "bucket_info": self._bucket_info(),
+            "resolution": s.resolution,
+            "enable_bucket": s.enable_bucket,
+            "bucket_no_upscale": s.no_upscale,
+            "min_bucket_reso": s.min_reso,
+            "max_bucket_reso": s.max_reso,
+            "bucket_reso_steps": s.steps,
+            "batch_size": self.batch_size,
+            "num_batches_per_epoch": len(self),
+        }
+
+    def _bucket_info(self) -> dict | None:
+        """kohya's ss_bucket_info: used buckets numbered in sorted order, and the mean |ar error| per image."""
+        if not self.settings.enable_bucket:
+            return None
+        buckets = {i: {"resolution": list(reso), "count": n} for i, (reso, n) in enumerate(self.bucket_counts().items())}
+        mean_error = sum(abs(r.ar_error) for r in self.records) / len(self.records)
+        return {"buckets": buckets, "mean_img_ar_error": float(mean_error)}
+
+
+def _check_not_built(cfg) -> None:
+    for name in NOT_BUILT_YET:
+        if getattr(cfg, name, None):
+            raise not_supported(name)
+
+
+def build_dataset(cfg, tokenizer_free: bool = True) -> TrainDataset:
+    """The training dataset described by `cfg` (train_data_dir, resolution, bucket and batch options).
+
+    Captions stay strings (`tokenizer_free`): the model family tokenizes them.
+    """
+    _check_not_built(cfg)
+    settings = BucketSettings.from_cfg(cfg)
+    if not getattr(cfg, "train_data_dir", None):
+        raise UserError("--train_data_dir is required: a folder holding <repeats>_<concept> sub-folders of images")
+    subsets = discover_subsets(cfg.train_data_dir, getattr(cfg, "caption_extension", ".caption") or ".caption")
+    records = [
+        ImageRecord(path, caption, subset.num_repeats, subset.is_reg, image_size(path))
+        for subset in subsets
+        for path, caption in zip(subset.image_paths, subset.captions)
+    ]
+    predefined = settings.predefined()
+    for record in records:
+        settings.place(record, predefined)
+    batch_size = int(getattr(cfg, "train_batch_size", 1) or 1)
+    seed = getattr(cfg, "seed", None) or 0
+    dataset = TrainDataset(subsets, records, settings, batch_size, seed)
+    _log_summary(dataset)
+    return dataset
+
+
+def _log_summary(dataset: TrainDataset) -> None:
+    info = dataset.info
+    logger.info("%d images in %d folders, %d with repeats; %d batches of up to %d per epoch",
+                len(dataset.records), len(dataset.subsets), info["num_train_images"], len(dataset), dataset.batch_size)
+    if info["bucket_info"] is not None:
+        for i, bucket in info["bucket_info"]["buckets"].items():
+            logger.info("bucket %d: resolution %s, count %d", i, tuple(bucket["resolution"]), bucket["count"])
+        logger.info("mean aspect-ratio error (without repeats): %.4f", info["bucket_info"]["mean_img_ar_error"])

@@ -1,0 +1,301 @@
+"""The Stable Diffusion 1.x family: loading (diffusers folder or single file), text, images, prediction.
+
+Text handling follows kohya sd-scripts so that trained files behave the same there:
+- `--max_token_length` 150 / 225 tokenizes to 152 / 227 tokens, cut into chunks of 75 that each get
+  their own BOS and EOS and run through CLIP separately; the hidden states are then stitched back
+  into one sequence of 1 + max_token_length + 1 states.
+- `--clip_skip N` takes the N-th hidden state from the end and applies CLIP's final layer norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+
+import torch
+
+from library.errors import UserError
+from library.models import files
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs", "sd1")
+CHUNK = 75  # caption tokens per CLIP pass (77 minus BOS and EOS)
+MAX_TOKEN_LENGTHS = (None, 75, 150, 225)
+
+
+def kohya_noise_scheduler():
+    """The DDPM schedule kohya trains SD with (not the folder's own inference scheduler)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, clip_sample=False,
+    )
+
+
+def chunk_input_ids(ids: torch.Tensor, eos: int, pad: int, max_token_length: int) -> torch.Tensor:
+    """(B, max_token_length + 2) ids -> (B, 77 * k): k chunks of BOS + 75 ids + the last id (EOS/pad).
+
+    With a pad token other than EOS (SD 2.x), a chunk cut inside the caption gets an EOS at its end and
+    a chunk that is pure padding starts with EOS, as kohya does.
+    """
+    chunks = []
+    for start in range(1, max_token_length + 1, CHUNK):
+        chunk = torch.cat([ids[:, :1], ids[:, start : start + CHUNK], ids[:, -1:]], dim=1)
+        if pad != eos:
+            cut = (chunk[:, -2] != eos) & (chunk[:, -2] != pad)
+            chunk[:, -1] = torch.where(cut, torch.full_like(chunk[:, -1], eos), chunk[:, -1])
+            empty = chunk[:, 1] == pad
+            chunk[:, 1] = torch.where(empty, torch.full_like(chunk[:, 1], eos), chunk[:, 1])
+        chunks.append(chunk)
+    return torch.cat(chunks, dim=1)
+
+
+def merge_chunk_states(states: torch.Tensor, max_token_length: int) -> torch.Tensor:
+    """(B, 77 * k, D) per-chunk states -> (B, max_token_length + 2, D): first BOS, 75 per chunk, last EOS."""
+    parts = [states[:, :1]]
+    for start in range(1, max_token_length, CHUNK + 2):
+        parts.append(states[:, start : start + CHUNK])
+    parts.append(states[:, -1:])
+    return torch.cat(parts, dim=1)
+
+
+def _read_config(name: str) -> dict:
+    """A config of the real SD 1.5 architecture, stored in the repository (never fetched)."""
+    filename = "scheduler_config.json" if name == "scheduler" else "config.json"
+    with open(os.path.join(CONFIG_DIR, name, filename), encoding="utf-8") as f:
+        return json.load(f)
+
+
+class SD1Family:
+    """SD 1.x: one CLIP-L text encoder, a 4-channel VAE, epsilon prediction by default."""
+
+    name = "sd1"
+    resolution_default = 512
+    pad_token = "<|endoftext|>"
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, *, model_path: str, vae_path: str | None = None,
+                 v_prediction: bool = False, max_token_length: int | None = None, clip_skip: int | None = None):
+        if max_token_length not in MAX_TOKEN_LENGTHS:
+            raise UserError(f"--max_token_length must be 75, 150 or 225, not {max_token_length}")
+        layers = text_encoder.config.num_hidden_layers
+        if clip_skip is not None and not 1 <= clip_skip <= layers:
+            raise UserError(f"--clip_skip must be between 1 and {layers} for this text encoder, not {clip_skip}")
+        self.unet, self.vae = unet, vae
+        self.text_encoders, self.tokenizers = [text_encoder], [tokenizer]
+        self.noise_scheduler = kohya_noise_scheduler()
+        self.model_path, self.vae_path = model_path, vae_path
+        self.v_prediction = v_prediction
+        self.max_token_length = None if max_token_length == 75 else max_token_length
+        self.clip_skip = clip_skip
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, cfg) -> "SD1Family":
+        """Load the model named by cfg.pretrained_model_name_or_path (and cfg.vae when given)."""
+        path = files.check_local_path(cfg.pretrained_model_name_or_path)
+        unsafe = bool(getattr(cfg, "unsafe_load_ckpt", False))
+        # Cheap checks first: a typo should not cost a multi-gigabyte load.
+        if getattr(cfg, "max_token_length", None) not in MAX_TOKEN_LENGTHS:
+            raise UserError(f"--max_token_length must be 75, 150 or 225, not {cfg.max_token_length}")
+        vae_path = getattr(cfg, "vae", None)
+        if vae_path:
+            files.check_local_path(vae_path, "VAE")
+        if os.path.isdir(path):
+            unet, vae, text_encoder, tokenizer = cls.load_folder_components(path)
+        else:
+            unet, vae, text_encoder = cls._load_single_file(path, unsafe)
+            tokenizer = None
+        if tokenizer is None:
+            from library.tokenizers import clip_tokenizer
+
+            tokenizer = clip_tokenizer(cls.pad_token)
+        if vae_path:
+            vae = cls.load_vae(vae_path, unsafe)
+        return cls(
+            unet, vae, text_encoder, tokenizer, model_path=cfg.pretrained_model_name_or_path, vae_path=vae_path,
+            v_prediction=bool(getattr(cfg, "v_parameterization", False)),
+            max_token_length=getattr(cfg, "max_token_length", None), clip_skip=getattr(cfg, "clip_skip", None),
+        )
+
+    @staticmethod
+    def load_folder_components(path: str):
+        """unet, vae, text encoder and (when the folder has one) tokenizer from a diffusers folder."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        def load(loader, subfolder):
+            try:
+                with _no_transformers_progress_bar():
+                    return loader.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{path}: cannot load {subfolder}/ ({str(exc).splitlines()[0]})") from None
+
+        unet = load(UNet2DConditionModel, "unet")
+        vae = load(AutoencoderKL, "vae")
+        text_encoder = load(CLIPTextModel, "text_encoder")
+        has_tokenizer = os.path.isdir(os.path.join(path, "tokenizer"))
+        tokenizer = load(CLIPTokenizer, "tokenizer") if has_tokenizer else None
+        return unet, vae, text_encoder, tokenizer
+
+    @classmethod
+    def _load_single_file(cls, path: str, unsafe: bool):
+        """unet, vae, text encoder from an LDM-layout file, one component resident at a time."""
+        reader = files.CheckpointReader(path, unsafe)
+        configs = reader.stored_configs() or {}
+        unet = _unet_from_ldm(reader, configs.get("unet") or _read_config("unet"))
+        vae_config = configs.get("vae") or _read_config("vae")
+        vae = _vae_from_ldm(reader.path, reader.read(_vae_prefix(reader)), vae_config)
+        text_encoder = _text_from_ldm(reader, configs.get("text_encoder") or _read_config("text_encoder"))
+        return unet, vae, text_encoder
+
+    @staticmethod
+    def load_vae(path: str, unsafe: bool = False):
+        """--vae: a diffusers VAE folder (or a model folder with vae/), or a single-file VAE."""
+        from diffusers import AutoencoderKL
+
+        files.check_local_path(path, "VAE")
+        if os.path.isdir(path):
+            for subfolder in ("", "vae"):
+                if os.path.isfile(os.path.join(path, subfolder, "config.json")):
+                    try:
+                        return AutoencoderKL.from_pretrained(path, subfolder=subfolder or None, local_files_only=True)
+                    except (OSError, ValueError) as exc:
+                        raise UserError(f"{path}: cannot load the VAE ({str(exc).splitlines()[0]})") from None
+            raise UserError(f"{path}: not a diffusers VAE folder (no config.json or vae/config.json)")
+        reader = files.CheckpointReader(path, unsafe)
+        prefix = _vae_prefix(reader)
+        state = {k[len(prefix) :]: v for k, v in reader.read(prefix).items()}
+        if "encoder.conv_in.weight" not in state:
+            raise UserError(f"{path}: no VAE weights found (encoder.conv_in.weight)")
+        config = (reader.stored_configs() or {}).get("vae") or _read_config("vae")
+        return _vae_from_ldm(path, state, config)
+
+    # --- the family interface ------------------------------------------------------------------
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """(B, 77) ids, or (B, 77 * k) for --max_token_length 150 / 225 (k chunks, see module doc)."""
+        tok = self.tokenizers[0]
+        length = self.max_token_length or CHUNK
+        ids = tok(list(captions), padding="max_length", truncation=True, max_length=length + 2,
+                  return_tensors="pt").input_ids
+        if self.max_token_length is None:
+            return ids
+        return chunk_input_ids(ids, tok.eos_token_id, tok.pad_token_id, length)
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, 77 * k) ids -> (B, 77 or max_token_length + 2, D) conditioning, honouring --clip_skip."""
+        encoder = self.text_encoders[0]
+        bare = getattr(encoder, "module", encoder)  # accelerate/DDP wrapping
+        device = next(bare.parameters()).device
+        batch = input_ids.shape[0]
+        ids = input_ids.to(device).reshape(-1, CHUNK + 2)
+        if self.clip_skip is None:
+            states = encoder(ids)[0]
+        else:
+            out = encoder(ids, output_hidden_states=True, return_dict=True)
+            final_norm = getattr(bare, "text_model", bare).final_layer_norm
+            states = final_norm(out.hidden_states[-self.clip_skip])
+        states = states.reshape(batch, -1, states.shape[-1])
+        if self.max_token_length is not None:
+            states = merge_chunk_states(states, self.max_token_length)
+        return states
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> VAE latents (a sample of the posterior, as kohya) times the scaling factor."""
+        param = next(self.vae.parameters())
+        latents = self.vae.encode(pixels.to(param.device, param.dtype)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text_embeds: torch.Tensor):
+        """The UNet's output: noise (or v with --v_parameterization)."""
+        return self.unet(noisy_latents, timesteps, text_embeds).sample
+
+
+@contextlib.contextmanager
+def _no_transformers_progress_bar():
+    """transformers 5 draws a progress bar per model load; a tiny load then litters stderr, which
+    should hold nothing but a one-line error when something goes wrong."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _vae_prefix(reader: files.CheckpointReader) -> str:
+    """VAE keys sit under `first_stage_model.` in a full checkpoint, at the top level in a VAE file."""
+    return "first_stage_model." if any(k.startswith("first_stage_model.") for k in reader.keys()) else ""
+
+
+def _as_float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cast half-precision files to fp32 one tensor at a time (each half tensor is freed as we go)."""
+    for key in list(state):
+        if state[key].is_floating_point() and state[key].dtype != torch.float32:
+            state[key] = state[key].float()
+    return state
+
+
+def _assign(model, state: dict[str, torch.Tensor], path: str, what: str):
+    """Load `state` into an empty (meta) model without copying; UserError on missing or misshapen keys."""
+    state = _as_float32(state)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: the {what} weights do not fit the SD 1.x architecture "
+                        f"({str(exc).splitlines()[-1].strip()})") from None
+    if missing:
+        raise UserError(f"{path}: {len(missing)} {what} weights missing (e.g. {missing[0]}); "
+                        "is it a complete SD 1.x checkpoint?")
+    unexpected = [k for k in unexpected if not k.endswith("position_ids")]
+    if unexpected:
+        logger.warning("%s: ignored %d unexpected %s keys (e.g. %s)", path, len(unexpected), what, unexpected[0])
+    return model.eval()
+
+
+def _unet_from_ldm(reader: files.CheckpointReader, config: dict):
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    state = reader.read("model.diffusion_model.")
+    conv_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None:
+        config = dict(config, in_channels=conv_in.shape[1])  # inpainting models take 9 channels
+    converted = convert_ldm_unet_checkpoint(state, config)
+    del state
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    return _assign(unet, converted, reader.path, "UNet")
+
+
+def _vae_from_ldm(path: str, state: dict[str, torch.Tensor], config: dict):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    converted = convert_ldm_vae_checkpoint(state, config)
+    del state
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config(config)
+    return _assign(vae, converted, path, "VAE")
+
+
+def _text_from_ldm(reader: files.CheckpointReader, config: dict):
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    prefix = "cond_stage_model.transformer."
+    state = {k[len(prefix) :].removeprefix("text_model."): v for k, v in reader.read(prefix).items()}
+    with init_empty_weights():
+        model = CLIPTextModel(CLIPTextConfig.from_dict(config))
+    return _assign(model, state, reader.path, "text encoder")

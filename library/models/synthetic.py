@@ -1,0 +1,205 @@
+"""SD1-architecture models built from configs written in code, with seeded random weights.
+
+No hub, no download: tests and the demo use the "tiny" size, benchmarks and key-name checks the
+real "sd15" architecture (random weights, same shapes and module names as Stable Diffusion 1.5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Iterator
+
+import torch
+
+_SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+_SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+_SD15_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=49406,
+    eos_token_id=49407,  # without it the pooled output picks the wrong token
+    pad_token_id=1,
+)
+
+# The smallest model that still has every block kind of SD1 (cross-attention down/up blocks,
+# resnets, down/upsamplers, a mid block), so LoRA/LoCon hit every layer kind.
+_TINY_UNET = dict(
+    _SD15_UNET,
+    sample_size=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=4,
+)
+_TINY_VAE = dict(
+    _SD15_VAE,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=64,
+)
+_TINY_TEXT = dict(
+    _SD15_TEXT,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    projection_dim=32,
+)
+
+SIZES = {
+    "tiny": dict(unet=_TINY_UNET, vae=_TINY_VAE, text_encoder=_TINY_TEXT),
+    "sd15": dict(unet=_SD15_UNET, vae=_SD15_VAE, text_encoder=_SD15_TEXT),
+}
+
+
+def sd1_configs(size: str = "tiny") -> dict:
+    """Config dicts (diffusers UNet/VAE kwargs, transformers CLIPTextConfig kwargs) for one size."""
+    return {name: dict(cfg) for name, cfg in SIZES[size].items()}
+
+
+def _iter_sd1_components(size: str, seed: int, empty: bool) -> Iterator[tuple[str, torch.nn.Module]]:
+    """unet, vae, text_encoder built one after another from one seeded RNG stream (lazily, so a caller
+    can save and drop each before the next exists)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if size not in SIZES:
+        raise ValueError(f"unknown synthetic model size {size!r}; one of {sorted(SIZES)}")
+    cfg = sd1_configs(size)
+    torch.manual_seed(seed)
+    builders = [
+        ("unet", lambda: UNet2DConditionModel(**cfg["unet"])),
+        ("vae", lambda: AutoencoderKL(**cfg["vae"])),
+        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))),
+    ]
+    for name, build in builders:
+        with init_empty_weights() if empty else contextlib.nullcontext():
+            yield name, build()
+
+
+def build_sd1_components(size: str = "tiny", seed: int = 0, empty: bool = False) -> dict:
+    """unet, vae and text_encoder of the given size; seeded weights, or empty (meta) ones when `empty`."""
+    return dict(_iter_sd1_components(size, seed, empty))
+
+
+def build_sd1_pipeline_folder(path: str, size: str = "tiny", seed: int = 0) -> str:
+    """Write a diffusers StableDiffusionPipeline folder (unet, vae, text_encoder, tokenizer, scheduler).
+
+    Components are built, saved and dropped one at a time, so the "sd15" size never holds more than one
+    of them. model_index.json is written last: its presence marks a complete folder. Returns `path`.
+    """
+    import diffusers
+
+    from library.models.sd1 import kohya_noise_scheduler
+    from library.saving import atomic_write_text
+    from library.tokenizers import clip_tokenizer
+
+    os.makedirs(path, exist_ok=True)
+    for name, module in _iter_sd1_components(size, seed, empty=False):
+        module.save_pretrained(os.path.join(path, name), safe_serialization=True)
+        del module
+    clip_tokenizer().save_pretrained(os.path.join(path, "tokenizer"))
+    scheduler = kohya_noise_scheduler()
+    scheduler.register_to_config(steps_offset=1)  # what diffusers expects of a saved SD scheduler
+    scheduler.save_pretrained(os.path.join(path, "scheduler"))
+    index = dict(_MODEL_INDEX, _diffusers_version=diffusers.__version__)
+    atomic_write_text(os.path.join(path, "model_index.json"), json.dumps(index, indent=2) + "\n")
+    return path
+
+
+_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def write_sd1_single_file(
+    folder_or_components: str | dict, path: str, dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
+) -> str:
+    """Write an SD 1.x model as one original-LDM-layout .safetensors (the A1111 / ComfyUI layout).
+
+    `folder_or_components` is a diffusers folder or a dict with unet, vae and text_encoder modules.
+    Tensors are written without copies (a folder's modules are cast in place when `dtype` is given);
+    the diffusers configs go into the metadata so non-standard sizes load back. Atomic. Returns `path`.
+    """
+    from library.models.files import CONFIG_METADATA_KEY
+    from library.models.ldm_keys import sd1_to_ldm
+    from library.saving import save_safetensors
+
+    if isinstance(folder_or_components, str):
+        from library.models.sd1 import SD1Family
+
+        unet, vae, text_encoder, _ = SD1Family.load_folder_components(folder_or_components)
+        if dtype is not None:  # we own these modules: cast in place, one component at a time
+            for module in (unet, vae, text_encoder):
+                module.to(dtype)
+        cast = _cast_to(None)
+    else:
+        unet, vae, text_encoder = (folder_or_components[k] for k in ("unet", "vae", "text_encoder"))
+        cast = _cast_to(dtype)
+    configs = {
+        "unet": _plain_config(dict(unet.config)),
+        "vae": _plain_config(dict(vae.config)),
+        "text_encoder": _plain_config(text_encoder.config.to_dict()),
+    }
+    tensors = sd1_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), cast)
+    meta = dict(metadata or {})
+    meta[CONFIG_METADATA_KEY] = json.dumps(configs, default=list)
+    save_safetensors(tensors, path, meta)
+    return path
+
+
+def _cast_to(dtype: torch.dtype | None):
+    """A tensor -> tensor function casting floating tensors to `dtype` (the identity for None)."""
+    if dtype is None:
+        return lambda t: t
+    return lambda t: t.to(dtype) if t.is_floating_point() else t
+
+
+def _plain_config(config: dict) -> dict:
+    """A config without bookkeeping entries (such as the local folder it was read from)."""
+    return {k: v for k, v in config.items() if k not in ("_name_or_path", "_use_default_values")}

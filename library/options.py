@@ -1,0 +1,370 @@
+"""The option table: every kohya sd-scripts flag sdtune accepts, with its type, default and support status.
+
+The table mirrors kohya-ss/sd-scripts v0.10 (train_network.py `setup_parser` and the `add_*_arguments`
+functions it calls, read at commit 6edbe005): names, types, nargs, choices and defaults are kohya's, so
+existing command lines and TOML files keep their meaning. The help texts are our own.
+
+`supported` says what sdtune does with a value other than the default:
+  True   -> honoured (or harmless: see the "inert" notes, options only read when a refused option is on);
+  False  -> refused with "not supported yet: --name";
+  tuple  -> only these values are honoured (strings compared case-insensitively).
+`scripts` names the entry scripts that take the option; only train_network is filled in so far, and the
+rows shared with kohya's train_textual_inversion.py / fine_tune.py grow that tuple when those land.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+TRAIN_NETWORK = ("train_network",)
+
+
+def int_or_float(text: str) -> int | float:
+    """kohya's step-or-ratio type: "100" -> 100 steps, "0.1" -> ratio 0.1, "5%" -> ratio 0.05.
+
+    A value of 1 or more must be a whole number of steps, as in kohya (where "1.5" is an error).
+    """
+    text = text.strip()
+    if text.endswith("%"):
+        return float(text[:-1]) / 100.0
+    value = float(text)
+    if value < 1:
+        return value
+    return int(text)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line / TOML option."""
+
+    name: str
+    type: Callable[[str], Any]  # str, int, float, bool (store_true) or int_or_float
+    default: Any
+    help: str
+    nargs: str | None = None
+    choices: tuple | None = None
+    action: str | None = None  # "store_true" for flags
+    supported: bool | tuple = False
+    scripts: tuple = TRAIN_NETWORK
+    group: str = ""  # kohya's add_*_arguments function (or "sdtune" for our own)
+    kohya: bool = True  # False for sdtune's own options, counted separately
+
+    @property
+    def is_flag(self) -> bool:
+        return self.action == "store_true"
+
+
+def _opt(name, type_, default, help, **kw) -> Option:
+    return Option(name, type_, default, help, **kw)
+
+
+def _flag(name, help, **kw) -> Option:
+    return Option(name, bool, False, help, action="store_true", **kw)
+
+
+def _group(group: str, rows: list[Option]) -> list[Option]:
+    return [dataclasses.replace(row, group=group) for row in rows]
+
+
+S = True  # shorthand for supported=True in the rows below
+
+LOGGING = _group("logging", [
+    _opt("console_log_level", str, None, "console log level",
+         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+    _opt("console_log_file", str, None, "write the console log to this file instead of stderr"),
+    _flag("console_log_simple", "plain console log lines, without rich formatting"),
+])
+
+SD_MODELS = _group("sd_models", [
+    _flag("v2", "the base model is Stable Diffusion 2.x"),
+    _flag("v_parameterization", "train with v-prediction targets"),
+    _opt("pretrained_model_name_or_path", str, None,
+         "base model: a .safetensors checkpoint or a diffusers folder", supported=S),
+    _opt("tokenizer_cache_dir", str, None, "tokenizer cache folder (accepted; sdtune builds tokenizers offline)",
+         supported=S),
+])
+
+MODEL_SPEC = _group("model_spec", [
+    _opt("metadata_title", str, None, "modelspec title (default: the output name)"),
+    _opt("metadata_author", str, None, "modelspec author"),
+    _opt("metadata_description", str, None, "modelspec description"),
+    _opt("metadata_license", str, None, "modelspec license"),
+    _opt("metadata_tags", str, None, "modelspec tags, comma separated"),
+    _opt("metadata_usage_hint", str, None, "modelspec usage hint"),
+    _opt("metadata_thumbnail", str, None, "modelspec thumbnail: a data URL or an image file"),
+    _opt("metadata_merged_from", str, None, "modelspec list of merged source models"),
+    _opt("metadata_trigger_phrase", str, None, "modelspec trigger phrase"),
+    _opt("metadata_preprocessor", str, None, "modelspec preprocessor"),
+    _opt("metadata_is_negative_embedding", str, None, "modelspec flag: this is a negative embedding"),
+])
+
+DATASET = _group("dataset", [
+    _opt("train_data_dir", str, None, "folder of N_concept image subfolders", supported=S),
+    _flag("cache_info", "cache captions and image sizes to speed up dataset loading"),
+    _flag("shuffle_caption", "shuffle the separated parts of each caption"),
+    # inert: read only by caption shuffling / tag dropout / token warmup, all refused
+    _opt("caption_separator", str, ",", "separator of caption parts", supported=S),
+    _opt("caption_extension", str, ".caption", "extension of caption files", supported=S),
+    _opt("caption_extention", str, None, "old misspelt alias of --caption_extension", supported=S),
+    # inert: read only by caption shuffling / tag dropout / token warmup, all refused
+    _opt("keep_tokens", int, 0, "keep the first N caption parts in place when shuffling", supported=S),
+    _opt("keep_tokens_separator", str, "", "separator ending the fixed part of a caption"),
+    _opt("secondary_separator", str, None, "separator turned into caption_separator after shuffling"),
+    _flag("enable_wildcard", "expand {a|b|c} wildcards in captions"),
+    _opt("caption_prefix", str, None, "text put before every caption"),
+    _opt("caption_suffix", str, None, "text put after every caption"),
+    _flag("color_aug", "weak color augmentation"),
+    _flag("flip_aug", "horizontal flip augmentation"),
+    _opt("face_crop_aug_range", str, None, "face-centred crop augmentation range, e.g. 2.0,4.0"),
+    _flag("random_crop", "random crop instead of centre crop"),
+    _flag("debug_dataset", "show the dataset instead of training"),
+    _opt("resolution", str, None, "training resolution: SIZE or WIDTH,HEIGHT", supported=S),
+    _flag("cache_latents", "encode every image once and keep the latents in memory", supported=S),
+    _opt("vae_batch_size", int, 1, "batch size when caching latents", supported=S),
+    _flag("cache_latents_to_disk", "cache latents in files next to the images"),
+    _flag("skip_cache_check", "trust existing cache files without checking their contents"),
+    _flag("enable_bucket", "aspect-ratio buckets", supported=S),
+    _opt("min_bucket_reso", int, 256, "smallest bucket side", supported=S),
+    _opt("max_bucket_reso", int, 1024, "largest bucket side", supported=S),
+    _opt("bucket_reso_steps", int, 64, "bucket side step", supported=S),
+    _flag("bucket_no_upscale", "never upscale an image to fill a bucket", supported=S),
+    _opt("resize_interpolation", str, None, "interpolation used when resizing images",
+         choices=("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")),
+    _opt("token_warmup_min", int, 1, "start training with this many caption tags"),
+    _opt("token_warmup_step", float, 0, "reach full caption length after N steps (N<1: ratio of the total)"),
+    _flag("alpha_mask", "use the image alpha channel as a loss mask"),
+    _opt("dataset_class", str, None, "custom dataset class as package.module.Class"),
+    _opt("caption_dropout_rate", float, 0.0, "probability of dropping a whole caption"),
+    _opt("caption_dropout_every_n_epochs", int, 0, "drop every caption every N epochs"),
+    _opt("caption_tag_dropout_rate", float, 0.0, "probability of dropping each caption tag"),
+    _opt("reg_data_dir", str, None, "folder of regularization images"),
+    _opt("in_json", str, None, "metadata JSON for fine-tuning style datasets"),
+    _opt("dataset_repeats", int, 1, "repeats of a metadata-JSON dataset"),
+])
+
+TRAINING = _group("training", [
+    _opt("output_dir", str, None, "folder for the trained files", supported=S),
+    _opt("output_name", str, None, "file name (without extension) of the trained files", supported=S),
+    _opt("huggingface_repo_id", str, None, "Hugging Face repository to upload to"),
+    # inert: the huggingface_* details are read only with --huggingface_repo_id, refused
+    _opt("huggingface_repo_type", str, None, "Hugging Face repository type", supported=S),
+    _opt("huggingface_path_in_repo", str, None, "path inside the Hugging Face repository", supported=S),
+    _opt("huggingface_token", str, None, "Hugging Face token"),
+    _opt("huggingface_repo_visibility", str, None, "public or private", supported=S),
+    _flag("save_state_to_huggingface", "upload training state too"),
+    _flag("resume_from_huggingface", "resume from a state stored on Hugging Face"),
+    _flag("async_upload", "upload in the background"),
+    _opt("save_precision", str, None, "dtype of saved weights", choices=(None, "float", "fp16", "bf16"), supported=S),
+    _opt("save_every_n_epochs", int, None, "also save after every N epochs", supported=S),
+    _opt("save_every_n_steps", int, None, "also save after every N steps"),
+    _opt("save_n_epoch_ratio", int, None, "save at least N times over the run"),
+    _opt("save_last_n_epochs", int, None, "keep only the last N epoch saves"),
+    _opt("save_last_n_epochs_state", int, None, "keep only the last N epoch states"),
+    _opt("save_last_n_steps", int, None, "keep step saves for the last N steps"),
+    _opt("save_last_n_steps_state", int, None, "keep step states for the last N steps"),
+    _flag("save_state", "save the training state (optimizer etc.) with each save"),
+    _flag("save_state_on_train_end", "save the training state when training ends"),
+    _opt("resume", str, None, "training state folder to resume from"),
+    _opt("train_batch_size", int, 1, "images per batch", supported=S),
+    _opt("max_token_length", int, None, "caption token limit (75 when unset)",
+         choices=(None, 75, 150, 225), supported=S),  # 75 is not kohya's, but kohya_ss GUI files hold it
+    _flag("mem_eff_attn", "kohya's memory-efficient attention"),
+    _flag("torch_compile", "compile the model with torch.compile"),
+    # inert: read only with --torch_compile, refused; "no" is what kohya_ss GUI files hold
+    _opt("dynamo_backend", str, "inductor", "torch.compile backend",
+         choices=("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
+                  "fx2trt", "onnxrt", "tensort", "ipex", "tvm", "no"), supported=S),
+    _flag("xformers", "xformers attention (CUDA only)", supported=S),
+    _flag("sdpa", "PyTorch scaled-dot-product attention", supported=S),
+    _opt("vae", str, None, "VAE to use instead of the model's own", supported=S),
+    _opt("max_train_steps", int, 1600, "number of optimizer steps", supported=S),
+    _opt("max_train_epochs", int, None, "number of epochs (overrides --max_train_steps)", supported=S),
+    _opt("max_data_loader_n_workers", int, 8, "data loader worker processes at most", supported=S),
+    _flag("persistent_data_loader_workers", "keep data loader workers between epochs", supported=S),
+    _opt("seed", int, None, "random seed", supported=S),
+    _flag("gradient_checkpointing", "recompute activations in backward to save memory", supported=S),
+    _opt("gradient_accumulation_steps", int, 1, "batches per optimizer step", supported=S),
+    _opt("mixed_precision", str, "no", "autocast dtype", choices=("no", "fp16", "bf16"), supported=S),
+    _flag("full_fp16", "train in fp16 including gradients"),
+    _flag("full_bf16", "train in bf16 including gradients"),
+    _flag("fp8_base", "keep the base model in fp8"),
+    _opt("ddp_timeout", int, None, "distributed timeout in minutes"),
+    _flag("ddp_gradient_as_bucket_view", "DDP gradient_as_bucket_view"),
+    _flag("ddp_static_graph", "DDP static_graph"),
+    _opt("clip_skip", int, None, "use the output of the N-th last text encoder layer", supported=S),
+    _opt("logging_dir", str, None, "write TensorBoard logs under this folder", supported=S),
+    _opt("log_with", str, None, "logger", choices=("tensorboard", "wandb", "all"), supported=("tensorboard",)),
+    _opt("log_prefix", str, None, "prefix of the log folder name", supported=S),
+    _opt("log_tracker_name", str, None, "tracker (project) name of the logs", supported=S),
+    # inert: read only with --log_with wandb, refused
+    _opt("wandb_run_name", str, None, "wandb run name", supported=S),
+    _opt("log_tracker_config", str, None, "tracker settings file"),
+    _opt("wandb_api_key", str, None, "wandb API key"),
+    _flag("log_config", "log the training options to the tracker"),
+    _opt("noise_offset", float, None, "noise offset strength (about 0.1)"),
+    _flag("noise_offset_random_strength", "random noise offset strength between 0 and --noise_offset"),
+    _opt("multires_noise_iterations", int, None, "multi-resolution noise iterations (6 to 10)"),
+    _opt("ip_noise_gamma", float, None, "input perturbation noise strength (about 0.1)"),
+    _flag("ip_noise_gamma_random_strength", "random perturbation strength between 0 and --ip_noise_gamma"),
+    # inert: read only with --multires_noise_iterations, refused
+    _opt("multires_noise_discount", float, 0.3, "multi-resolution noise discount", supported=S),
+    _opt("adaptive_noise_scale", float, None, "add mean |latent| times this to the noise offset"),
+    _flag("zero_terminal_snr", "rescale the noise schedule to zero terminal SNR"),
+    _opt("min_timestep", int, None, "smallest timestep sampled (0..999)"),
+    _opt("max_timestep", int, None, "largest timestep sampled, exclusive (1..1000)"),
+    _opt("loss_type", str, "l2", "loss function", choices=("l1", "l2", "huber", "smooth_l1")),
+    # inert: the huber_* settings are read only with a huber / smooth_l1 loss, refused
+    _opt("huber_schedule", str, "snr", "Huber parameter schedule", choices=("constant", "exponential", "snr"),
+         supported=S),
+    _opt("huber_c", float, 0.1, "Huber loss decay parameter", supported=S),
+    _opt("huber_scale", float, 1.0, "Huber loss scale", supported=S),
+    _flag("lowram", "low-RAM loading (load models straight to the GPU)"),
+    _flag("highvram", "skip GPU cache clearing"),
+    # inert: sample images are made only with --sample_prompts, refused
+    _opt("sample_every_n_steps", int, None, "make sample images every N steps", supported=S),
+    _flag("sample_at_first", "make sample images before training"),
+    _opt("sample_every_n_epochs", int, None, "make sample images every N epochs", supported=S),
+    _opt("sample_prompts", str, None, "prompt file for sample images"),
+    _opt("sample_sampler", str, "ddim", "sampler for sample images",
+         choices=("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
+                  "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"),
+         supported=S),
+    _opt("config_file", str, None, "read options from this TOML file (.toml may be left off)", supported=S),
+    # kohya: a flag that writes to --config_file's path; sdtune also takes a PATH (see library/config.py)
+    _opt("output_config", str, None, "write the resolved options to this TOML file and exit", supported=S),
+    # inert: read only for regularization images (--reg_data_dir / --dataset_config), refused
+    _opt("prior_loss_weight", float, 1.0, "loss weight of regularization images", supported=S),
+])
+
+MASKED_LOSS = _group("masked_loss", [
+    _opt("conditioning_data_dir", str, None, "folder of mask images"),
+    _flag("masked_loss", "weight the loss by a mask"),
+])
+
+# inert: every deepspeed detail is read only with --deepspeed, refused
+DEEPSPEED = _group("deepspeed", [
+    _flag("deepspeed", "train with DeepSpeed"),
+    _opt("zero_stage", int, 2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3), supported=S),
+    _opt("offload_optimizer_device", str, None, "ZeRO optimizer offload device", choices=(None, "cpu", "nvme"),
+         supported=S),
+    _opt("offload_optimizer_nvme_path", str, None, "ZeRO optimizer offload NVMe path", supported=S),
+    _opt("offload_param_device", str, None, "ZeRO parameter offload device", choices=(None, "cpu", "nvme"),
+         supported=S),
+    _opt("offload_param_nvme_path", str, None, "ZeRO parameter offload NVMe path", supported=S),
+    _flag("zero3_init_flag", "build the model under deepspeed.zero.Init (ZeRO-3)", supported=S),
+    _flag("zero3_save_16bit_model", "save a 16-bit model (ZeRO-3)", supported=S),
+    _flag("fp16_master_weights_and_gradients", "fp16 master weights and gradients (ZeRO-2 offload)", supported=S),
+])
+
+OPTIMIZER = _group("optimizer", [
+    _opt("optimizer_type", str, "", "optimizer name or module.Class (default AdamW)",
+         supported=("", "AdamW", "AdamW8bit")),
+    _flag("use_8bit_adam", "old spelling of --optimizer_type AdamW8bit", supported=S),
+    _flag("use_lion_optimizer", "old spelling of --optimizer_type Lion"),
+    _opt("learning_rate", float, 2.0e-6, "learning rate", supported=S),
+    _opt("max_grad_norm", float, 1.0, "gradient clipping norm (0: no clipping)", supported=S),
+    _opt("optimizer_args", str, None, "optimizer arguments as key=value", nargs="*", supported=S),
+    _opt("lr_scheduler_type", str, "", "custom scheduler as module.Class"),
+    _opt("lr_scheduler_args", str, None, "scheduler arguments as key=value", nargs="*"),
+    _opt("lr_scheduler", str, "constant", "learning-rate schedule",
+         supported=("constant", "constant_with_warmup", "linear", "cosine")),
+    _opt("lr_warmup_steps", int_or_float, 0, "warmup steps, or a ratio of the total below 1 (or N%)", supported=S),
+    _opt("lr_decay_steps", int_or_float, 0, "decay steps, or a ratio of the total below 1 (or N%)"),
+    # inert: read only by cosine_with_restarts / polynomial schedules, refused
+    _opt("lr_scheduler_num_cycles", int, 1, "restarts of cosine_with_restarts", supported=S),
+    _opt("lr_scheduler_power", float, 1, "power of the polynomial schedule", supported=S),
+    _flag("fused_backward_pass", "step the optimizer inside backward (Adafactor)"),
+    _opt("lr_scheduler_timescale", int, None, "timescale of the inverse-sqrt schedule"),
+    _opt("lr_scheduler_min_lr_ratio", float, None, "final learning rate as a ratio of the initial one"),
+])
+
+CONFIG = _group("config", [
+    _opt("dataset_config", str, None, "dataset TOML with [general] and [[datasets]] tables"),
+])
+
+CUSTOM_TRAIN = _group("custom_train", [
+    _opt("min_snr_gamma", float, None, "min-SNR loss weighting gamma (5 is common)"),
+    _flag("scale_v_pred_loss_like_noise_pred", "scale v-prediction loss like noise-prediction loss"),
+    _opt("v_pred_like_loss", float, None, "add a v-prediction-like loss times this"),
+    _flag("debiased_estimation_loss", "debiased estimation loss weighting"),
+    _flag("weighted_captions", "read (word:1.2) attention weights in captions"),
+])
+
+NETWORK = _group("train_network", [
+    _flag("cpu_offload_checkpointing", "offload checkpointed activations to the CPU"),
+    _flag("no_metadata", "save without ss_* metadata", supported=S),
+    _opt("save_model_as", str, "safetensors", "file format", choices=(None, "ckpt", "pt", "safetensors"),
+         supported=("safetensors",)),
+    _opt("unet_lr", float, None, "learning rate of the U-Net modules", supported=S),
+    _opt("text_encoder_lr", float, None, "learning rate of the text encoder modules (one per encoder)",
+         nargs="*", supported=S),
+    _flag("fp8_base_unet", "keep the U-Net in fp8"),
+    _opt("network_weights", str, None, "start from these network weights", supported=S),
+    _opt("network_module", str, None, "network module to train, e.g. networks.lora", supported=S),
+    _opt("network_dim", int, None, "network rank", supported=S),
+    _opt("network_alpha", float, 1, "network alpha (scale = alpha / rank)", supported=S),
+    _opt("network_dropout", float, None, "dropout of network neurons (0..1)", supported=S),
+    _opt("network_args", str, None, "network arguments as key=value", nargs="*", supported=S),
+    _flag("network_train_unet_only", "train the U-Net modules only", supported=S),
+    _flag("network_train_text_encoder_only", "train the text encoder modules only", supported=S),
+    _opt("training_comment", str, None, "comment stored in the metadata", supported=S),
+    _flag("dim_from_weights", "take the rank from --network_weights"),
+    _opt("scale_weight_norms", float, None, "max-norm regularization of the network weights"),
+    _opt("base_weights", str, None, "networks merged into the model before training", nargs="*"),
+    _opt("base_weights_multiplier", float, None, "multipliers of --base_weights", nargs="*"),
+    _flag("no_half_vae", "keep the VAE in float32 under mixed precision"),
+    _flag("skip_until_initial_step", "skip batches until --initial_step"),
+    _opt("initial_epoch", int, None, "number of the first epoch"),
+    _opt("initial_step", int, None, "number of the first step"),
+    # inert: the validation settings are read only with --validation_split, refused
+    _opt("validation_seed", int, None, "seed for the validation split", supported=S),
+    _opt("validation_split", float, 0.0, "share of the images kept for validation"),
+    _opt("validate_every_n_steps", int, None, "validate every N steps", supported=S),
+    _opt("validate_every_n_epochs", int, None, "validate every N epochs", supported=S),
+    _opt("max_validation_steps", int, None, "validation batches at most", supported=S),
+])
+
+SDTUNE = _group("sdtune", [
+    Option("unsafe_load_ckpt", bool, False, "allow loading a pickled .ckpt (unpickling can run code)",
+           action="store_true", supported=S, kohya=False),
+])
+
+OPTIONS: tuple[Option, ...] = tuple(
+    LOGGING + SD_MODELS + MODEL_SPEC + DATASET + TRAINING + MASKED_LOSS + DEEPSPEED + OPTIMIZER + CONFIG
+    + CUSTOM_TRAIN + NETWORK + SDTUNE
+)
+
+SCRIPTS = ("train_network",)
+
+
+def options_for(script: str) -> dict[str, Option]:
+    """The options of one entry script, by name, in table order."""
+    if script not in SCRIPTS:
+        raise ValueError(f"unknown script {script!r}; known: {', '.join(SCRIPTS)}")
+    return {opt.name: opt for opt in OPTIONS if script in opt.scripts}
+
+
+# Keys that GUI wrappers (bmaltais kohya_ss, Akegarasu lora-scripts) write into the TOML they pass to
+# sd-scripts, and that sd-scripts ignores: sdtune ignores them too, with one warning.
+GUI_KEYS = frozenset({
+    "epoch", "noise_offset_type", "lowvram", "lr_restart_cycles",
+    "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
+    "model_train_type", "additional_parameters", "LoRA_type", "sdxl", "flux1_checkbox", "sd3_checkbox",
+})
+
+# Options of other kohya scripts (sdxl_*, sd3_*, flux_*, fine_tune) that shared TOML files carry: ignored
+# with the same warning, never mistaken for typos of a train_network option.
+OTHER_SCRIPT_KEYS = frozenset({
+    "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "text_encoder_batch_size",
+    "disable_mmap_load_safetensors", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+    "blocks_to_swap", "single_blocks_to_swap", "double_blocks_to_swap", "ae", "clip_l", "clip_g", "t5xxl",
+    "t5xxl_device", "t5xxl_dtype", "t5xxl_max_token_length", "apply_t5_attn_mask", "discrete_flow_shift",
+    "model_prediction_type", "timestep_sampling", "guidance_scale", "split_mode", "mem_eff_save",
+    "learning_rate_te1", "learning_rate_te2", "train_text_encoder", "stop_text_encoder_training",
+    "save_clip", "save_t5xxl", "enable_scaled_pos_embed", "pos_emb_random_crop_rate",
+    "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "use_safetensors",
+})
+
+IGNORED_KEYS = GUI_KEYS | OTHER_SCRIPT_KEYS

@@ -1,0 +1,284 @@
+"""THE training loop, shared by every script: it never asks which model family or method it runs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from library import losses, optim
+from library.config import parse_args, write_output_config
+from library.errors import UserError
+from library.methods import METHODS
+
+logger = logging.getLogger(__name__)
+
+SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def run(argv, script: str, method: str) -> int:
+    """Parse the options of `script`, then either write them (--output_config) or train."""
+    cfg = parse_args(argv, script)
+    if cfg.output_config:
+        write_output_config(cfg, cfg.output_config)
+        logger.info("wrote %s", cfg.output_config)
+        return 0
+    train(cfg, METHODS[method])
+    return 0
+
+
+def check_required(cfg) -> None:
+    """Options kohya also needs, checked before anything is loaded or written."""
+    for name in ("pretrained_model_name_or_path", "train_data_dir", "output_dir"):
+        if not getattr(cfg, name):
+            raise UserError(f"--{name} is required")
+    if cfg.save_model_as not in (None, "safetensors"):
+        raise UserError(f"--save_model_as {cfg.save_model_as}: not supported yet (use safetensors)")
+
+
+class Run:
+    """Everything one training run holds: built in order, so bad input fails before any write."""
+
+    def __init__(self, cfg, method_cls):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from library.dataset import build_dataset
+        from library.models import load_model
+
+        check_required(cfg)
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise UserError("--mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
+        if cfg.seed is None:
+            cfg.seed = random.randint(0, 2**32 - 1)  # kohya draws one too, and records it in metadata
+        set_seed(cfg.seed)
+        self.cfg = cfg
+        self.family = load_model(cfg)
+        self.dataset = build_dataset(cfg)
+        self.weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision or "no"]
+        self._freeze_base()
+        self.method = method_cls(cfg, self.family)
+        groups, self.group_names = self.method.param_groups()
+        self.optimizer = optim.build_optimizer(cfg, groups)
+        self.steps_per_epoch = math.ceil(len(self.dataset) / cfg.gradient_accumulation_steps)
+        self.max_steps, self.num_epochs = self._schedule_length()
+        self.logging_dir = self._logging_dir()
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=cfg.mixed_precision or "no",
+            log_with=cfg.log_with or ("tensorboard" if self.logging_dir else None),
+            project_dir=self.logging_dir,
+            cpu=not torch.cuda.is_available(),
+        )
+        # accelerate steps a prepared scheduler once per process on every optimizer step.
+        total = self.max_steps * self.accelerator.num_processes
+        self.lr_scheduler = optim.build_scheduler(cfg, self.optimizer, total)
+
+    def _freeze_base(self) -> None:
+        """Base weights never train in a network run; they may drop to the mixed-precision dtype."""
+        fam = self.family
+        for model in [fam.unet, fam.vae, *fam.text_encoders]:
+            model.requires_grad_(False)
+            model.eval()
+        if self.cfg.xformers:
+            from library.models import enable_xformers
+
+            enable_xformers(fam)
+        if self.cfg.gradient_checkpointing:
+            fam.unet.enable_gradient_checkpointing()
+            for te in fam.text_encoders:
+                te.gradient_checkpointing_enable()
+        if self.weight_dtype != torch.float32:  # frozen weights in half precision save memory
+            for model in [fam.unet, *fam.text_encoders]:
+                model.to(dtype=self.weight_dtype)
+
+    def _schedule_length(self) -> tuple[int, int]:
+        """kohya's rule: --max_train_epochs wins over --max_train_steps; epochs cover the steps."""
+        cfg = self.cfg
+        if cfg.max_train_epochs:
+            max_steps = cfg.max_train_epochs * self.steps_per_epoch
+        else:
+            max_steps = cfg.max_train_steps
+        if max_steps <= 0:
+            raise UserError("--max_train_steps must be positive")
+        return max_steps, math.ceil(max_steps / self.steps_per_epoch)
+
+    def _logging_dir(self) -> str | None:
+        cfg = self.cfg
+        if not cfg.logging_dir:
+            if cfg.log_with:
+                raise UserError(f"--log_with {cfg.log_with} needs --logging_dir")
+            return None
+        return os.path.join(cfg.logging_dir, (cfg.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def cache_latents(self) -> None:
+        """Encode every image once; the VAE is then no longer needed and leaves memory."""
+        device = self.accelerator.device
+        vae = self.family.vae.to(device)
+        with torch.no_grad():
+            self.dataset.cache_latents(self.family.encode_images, self.cfg.vae_batch_size or 1)
+        vae.to("cpu")
+        self.family.vae = None  # nothing else holds it during a network run
+        del vae
+
+    def prepare(self) -> None:
+        """Cache latents, place models, hand the trainable parts to accelerate (once)."""
+        if getattr(self, "network", None) is not None:
+            return
+        acc, fam = self.accelerator, self.family
+        if self.cfg.cache_latents:
+            self.cache_latents()
+        else:
+            fam.vae.to(acc.device)
+        fam.unet.to(acc.device)
+        for te in fam.text_encoders:
+            te.to(acc.device)
+        if self.cfg.gradient_checkpointing:
+            self.method.enable_gradient_checkpointing()
+            fam.unet.train()  # diffusers only checkpoints in training mode
+        self.network, self.optimizer, self.lr_scheduler = acc.prepare(
+            self.method.module, self.optimizer, self.lr_scheduler
+        )
+        self.method.prepare_grad()
+
+    def step_loss(self, batch) -> torch.Tensor:
+        """One batch: encode, noise, predict, compare. Returns the mean loss."""
+        fam, acc = self.family, self.accelerator
+        latents = batch["latents"]
+        if latents is None:
+            with torch.no_grad():
+                latents = fam.encode_images(batch["images"].to(acc.device, dtype=self.weight_dtype))
+        latents = latents.to(acc.device, dtype=torch.float32)
+        grad_text = self.method.train_text_encoder
+        with torch.set_grad_enabled(grad_text), acc.autocast():
+            text_embeds = fam.encode_text(fam.tokenize(batch["captions"]).to(acc.device))
+        noise = losses.sample_noise(latents)
+        timesteps = losses.sample_timesteps(latents.shape[0], fam.noise_scheduler.config.num_train_timesteps,
+                                            latents.device)
+        noisy = fam.noise_scheduler.add_noise(latents, noise, timesteps)
+        with acc.autocast():
+            prediction = fam.predict(noisy.to(self.weight_dtype), timesteps, text_embeds)
+        target = losses.training_target(fam.noise_scheduler, latents, noise, timesteps, fam.v_prediction)
+        return losses.diffusion_loss(prediction, target).mean()
+
+    def train(self) -> list[float]:
+        """Run all steps; returns the per-step losses (tests read them)."""
+        from library.metadata import build_training_metadata
+
+        cfg, acc = self.cfg, self.accelerator
+        self.prepare()
+        if self.logging_dir:
+            acc.init_trackers(cfg.log_tracker_name or "network_train")
+        self.metadata = build_training_metadata(
+            cfg, dataset_info=self.dataset.info, family_name=self.family.name,
+            v_prediction=self.family.v_prediction, num_batches_per_epoch=len(self.dataset),
+            num_epochs=self.num_epochs, max_train_steps=self.max_steps,
+            optimizer_name=_optimizer_label(self.optimizer, cfg), session_id=random.randint(0, 2**32),
+            training_started_at=time.time(), model_path=self.family.model_path, vae_path=self.family.vae_path,
+        )
+        logger.info("%d images x repeats, %d batches/epoch, %d epochs, %d steps",
+                    self.dataset.info["num_train_images"], len(self.dataset), self.num_epochs, self.max_steps)
+        step_losses: list[float] = []
+        self.step_times: list[float] = []
+        progress = tqdm(total=self.max_steps, desc="steps", disable=not acc.is_local_main_process)
+        for epoch in range(self.num_epochs):
+            epoch_losses = self._train_epoch(epoch, step_losses, progress)
+            if epoch_losses:
+                acc.log({"loss/epoch": sum(epoch_losses) / len(epoch_losses)}, step=epoch + 1)
+            if len(step_losses) >= self.max_steps:
+                break
+            if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0:
+                self.save(f"{self.output_name}-{epoch + 1:06d}", epoch + 1, len(step_losses))
+        progress.close()
+        self._log_speed()
+        self.save(self.output_name, self.num_epochs, len(step_losses))
+        acc.end_training()
+        return step_losses
+
+    def _train_epoch(self, epoch: int, step_losses: list[float], progress) -> list[float]:
+        cfg, acc = self.cfg, self.accelerator
+        self.dataset.set_epoch(epoch)
+        self.method.on_epoch_start()
+        self.network.train()
+        epoch_losses: list[float] = []
+        accumulated = []
+        started = time.perf_counter()
+        for index in range(len(self.dataset)):
+            with acc.accumulate(self.network):
+                loss = self.step_loss(self.dataset[index])
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm:
+                    acc.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            accumulated.append(loss.item())
+            if not acc.sync_gradients:
+                continue
+            current = sum(accumulated) / len(accumulated)
+            accumulated.clear()
+            step_losses.append(current)
+            self.step_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            epoch_losses.append(current)
+            average = sum(epoch_losses) / len(epoch_losses)
+            progress.update(1)
+            progress.set_postfix(avr_loss=f"{average:.4f}", epoch=epoch + 1)
+            acc.log(self._step_logs(current, average), step=len(step_losses))
+            if len(step_losses) >= self.max_steps:
+                break
+        return epoch_losses
+
+    def _log_speed(self) -> None:
+        """One line of speed figures (bench/ reads it): the first step pays for warm-up, so it is apart."""
+        times = self.step_times
+        warm = times[1:] or times
+        logger.info("speed: %d steps, first %.3f s, %.3f s/step after", len(times), times[0] if times else 0.0,
+                    sum(warm) / max(len(warm), 1))
+
+    def _step_logs(self, current: float, average: float) -> dict:
+        logs = {"loss/current": current, "loss/average": average}
+        for name, lr in zip(self.group_names, self.lr_scheduler.get_last_lr()):
+            logs[f"lr/{name}"] = lr
+        return logs
+
+    # --- saving -----------------------------------------------------------------------------------
+
+    @property
+    def output_name(self) -> str:
+        return self.cfg.output_name or "last"
+
+    def save(self, stem: str, epoch: int, steps: int) -> str:
+        from library.metadata import finalize_metadata
+
+        cfg = self.cfg
+        self.accelerator.wait_for_everyone()
+        path = os.path.join(cfg.output_dir, stem + ".safetensors")
+        if self.accelerator.is_main_process:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            metadata = finalize_metadata(self.metadata, epoch=epoch, steps=steps)
+            self.method.save(path, SAVE_DTYPES[cfg.save_precision], metadata)
+            logger.info("saved %s", path)
+        return path
+
+
+def _optimizer_label(optimizer, cfg) -> str:
+    """kohya records the class path and the args: `torch.optim.adamw.AdamW(weight_decay=0.1)`."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    cls = type(inner)
+    args = ",".join(cfg.optimizer_args or [])
+    return f"{cls.__module__}.{cls.__name__}" + (f"({args})" if args else "")
+
+
+def train(cfg, method_cls) -> list[float]:
+    """Build a run from a resolved config and train it; returns the per-step losses."""
+    return Run(cfg, method_cls).train()

@@ -1,0 +1,21 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+def requirements() -> list[str]:
+    lines = Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="sdtune",
+    version="0.1.0",
+    description="kohya-compatible training of Stable Diffusion LoRAs, embeddings and fine-tunes",
+    packages=find_packages(include=["library", "library.*", "networks", "networks.*", "tools", "tools.*"]),
+    py_modules=["train_network", "train_textual_inversion", "fine_tune"],
+    package_data={"library": ["models/configs/**/*.json", "models/configs/**/*.txt"]},
+    python_requires=">=3.10",
+    install_requires=requirements(),
+    extras_require={"xformers": ["xformers"], "dev": ["pytest", "pytest-xdist"]},
+)

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny SD1 models built from configs in code, a generated dataset, argv helpers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny SD1-architecture diffusers folder (UNet, VAE, CLIP, tokenizer, scheduler)."""
+    from library.models.synthetic import build_sd1_pipeline_folder
+
+    path = str(tmp_path_factory.mktemp("models") / "tiny_sd1")
+    build_sd1_pipeline_folder(path, size="tiny", seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_single_file(tiny_model_dir, tmp_path_factory) -> str:
+    """The same tiny model as one original-layout (LDM) .safetensors file."""
+    from library.models.synthetic import write_sd1_single_file
+
+    path = str(tmp_path_factory.mktemp("models") / "tiny_sd1.safetensors")
+    write_sd1_single_file(tiny_model_dir, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> str:
+    """The demo dataset: `10_shapes/` with captioned PNGs."""
+    from library.dataset.demo_data import make_demo_dataset
+
+    path = str(tmp_path_factory.mktemp("data") / "train")
+    make_demo_dataset(path, seed=0)
+    return path
+
+
+def train_argv(model: str, data: str, out: str, *extra: str) -> list[str]:
+    """A short kohya-style command line for the tiny model (tests add their own flags)."""
+    return [
+        "--pretrained_model_name_or_path", model,
+        "--train_data_dir", data,
+        "--output_dir", out,
+        "--output_name", "lora",
+        "--resolution", "64",
+        "--network_module", "networks.lora",
+        "--network_dim", "4",
+        "--network_alpha", "2",
+        "--learning_rate", "1e-3",
+        "--max_train_steps", "4",
+        "--train_batch_size", "2",
+        "--seed", "1",
+        "--max_data_loader_n_workers", "0",
+        *extra,
+    ]
+
+
+def files_under(path) -> list[str]:
+    """Every file below `path` (empty when it does not exist): 'nothing written' checks."""
+    found = []
+    for root, _, names in os.walk(path):
+        found += [os.path.join(root, n) for n in names]
+    return sorted(found)

@@ -1,0 +1,212 @@
+"""End to end: kohya command lines through `train_network.main`, on tiny models, asserting numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train_network
+from library.config import parse_args
+from library.methods import NetworkMethod
+from library.trainer import Run
+from tests.conftest import files_under, train_argv
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _metadata(path: str) -> dict:
+    with safe_open(path, "pt") as f:
+        return f.metadata()
+
+
+def test_folder_model_trains_and_saves_kohya_file(tiny_model_dir, demo_data, tmp_path):
+    out = tmp_path / "out"
+    # 9 images x 10 repeats in two buckets (70 + 20) at batch 8: 9 + 3 = 12 steps per epoch.
+    argv = train_argv(tiny_model_dir, demo_data, str(out), "--save_every_n_epochs", "1", "--train_batch_size", "8",
+                      "--max_train_epochs", "2", "--training_comment", "hello")
+    assert train_network.main(argv) == 0
+    names = sorted(os.listdir(out))
+    assert "lora.safetensors" in names
+    assert names == ["lora-000001.safetensors", "lora.safetensors"]  # kohya: no epoch file for the last epoch
+    sd = load_file(out / "lora.safetensors")
+    assert sd and all(k.startswith(("lora_unet_", "lora_te_")) for k in sd)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in sd)
+    modules = {k.split(".")[0] for k in sd}
+    for m in modules:
+        assert {f"{m}.lora_down.weight", f"{m}.lora_up.weight", f"{m}.alpha"} <= sd.keys()
+    # The UNet up weights start at zero and must have moved: training reached the network.
+    assert any(sd[k].abs().sum() > 0 for k in sd if k.startswith("lora_unet_") and k.endswith("lora_up.weight"))
+    meta = _metadata(str(out / "lora.safetensors"))
+    assert meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_training_comment"] == "hello"
+    assert meta["ss_steps"] == "24" and meta["ss_epoch"] == "2" and meta["ss_num_batches_per_epoch"] == "12"
+    assert meta["ss_seed"] == "1"
+    assert meta["ss_output_name"] == "lora"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"10_shapes": {"n_repeats": 10, "img_count": 9}}
+    assert len(meta["sshs_model_hash"]) == 64 and len(meta["sshs_legacy_hash"]) == 8
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+
+def test_single_file_checkpoint_trains(tiny_single_file, demo_data, tmp_path):
+    out = tmp_path / "out"
+    assert train_network.main(train_argv(tiny_single_file, demo_data, str(out))) == 0
+    meta = _metadata(str(out / "lora.safetensors"))
+    assert meta["ss_sd_model_name"] == os.path.basename(tiny_single_file)
+    assert len(meta["ss_new_sd_model_hash"]) == 64
+
+
+def _eval_loss(run: Run, seed: int = 123) -> float:
+    """Loss on fixed noise and timesteps over the whole dataset: comparable before and after training."""
+    fam = run.family
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    run.network.eval()
+    with torch.no_grad():
+        for i in range(len(run.dataset)):
+            batch = run.dataset[i]
+            latents = batch["latents"]
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
+            noisy = fam.noise_scheduler.add_noise(latents, noise, t)
+            emb = fam.encode_text(fam.tokenize(batch["captions"]))
+            total += torch.nn.functional.mse_loss(fam.predict(noisy, t, emb), noise).item()
+            count += 1
+    return total / count
+
+
+def test_loss_goes_down(tiny_model_dir, demo_data, tmp_path):
+    argv = train_argv(tiny_model_dir, demo_data, str(tmp_path / "out"), "--cache_latents",
+                      "--max_train_steps", "40", "--learning_rate", "5e-3", "--network_dim", "8")
+    run = Run(parse_args(argv), NetworkMethod)
+    run.prepare()
+    run.dataset.set_epoch(0)
+    before = _eval_loss(run)
+    losses = run.train()
+    after = _eval_loss(run)
+    assert len(losses) == 40
+    assert after < before * 0.9, (before, after)
+
+
+def test_same_seed_same_weights(tiny_model_dir, demo_data, tmp_path):
+    results = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert train_network.main(train_argv(tiny_model_dir, demo_data, str(out))) == 0
+        results.append(load_file(out / "lora.safetensors"))
+    assert results[0].keys() == results[1].keys()
+    for k in results[0]:
+        assert torch.equal(results[0][k], results[1][k]), k
+
+
+def test_trained_file_loads_in_diffusers(tiny_model_dir, demo_data, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    argv = train_argv(tiny_model_dir, demo_data, str(out), "--network_args", "conv_dim=4", "conv_alpha=2")
+    assert train_network.main(argv) == 0
+    sd = load_file(out / "lora.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
+    models = {"lora_unet_": pipe.unet, "lora_te_": pipe.text_encoder}
+    before = {p: {k: v.clone() for k, v in m.state_dict().items()} for p, m in models.items()}
+    pipe.load_lora_weights(str(out / "lora.safetensors"))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused weights, restores the plain module names
+    for prefix, model in models.items():
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[prefix][k])}
+        in_file = {k.split(".")[0] for k in sd if k.startswith(prefix)}
+        # every module of the file moved exactly one weight (LoRA has no bias) of the fused model
+        assert len(changed) == len(in_file) > 0, prefix
+        assert all(k.endswith(".weight") for k in changed)
+
+
+def test_tensorboard_log_has_loss_and_lr(tiny_model_dir, demo_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "logs"
+    argv = train_argv(tiny_model_dir, demo_data, str(tmp_path / "out"), "--logging_dir", str(logs),
+                      "--log_prefix", "run_")
+    assert train_network.main(argv) == 0
+    (run_dir,) = os.listdir(logs)
+    assert run_dir.startswith("run_")
+    acc = EventAccumulator(str(logs / run_dir / "network_train"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder"} <= tags
+    assert len(acc.Scalars("loss/current")) == 4
+    assert acc.Scalars("lr/unet")[0].value == pytest.approx(1e-3)
+
+
+def test_unet_only_and_separate_lrs(tiny_model_dir, demo_data, tmp_path):
+    out = tmp_path / "out"
+    argv = train_argv(tiny_model_dir, demo_data, str(out), "--network_train_unet_only", "--unet_lr", "2e-3")
+    assert train_network.main(argv) == 0
+    sd = load_file(out / "lora.safetensors")
+    assert sd and all(k.startswith("lora_unet_") for k in sd)
+
+
+@pytest.mark.parametrize("launcher", ["python", "accelerate"])
+def test_command_line_runs_unmodified(launcher, tiny_model_dir, demo_data, tmp_path):
+    out = tmp_path / "out"
+    config = tmp_path / "my_lora.toml"
+    config.write_text(
+        f'pretrained_model_name_or_path = "{tiny_model_dir}"\ntrain_data_dir = "{demo_data}"\n'
+        f'output_dir = "{out}"\noutput_name = "cli"\nresolution = 64\nnetwork_module = "networks.lora"\n'
+        'network_dim = 4\nmax_train_steps = 2\nmax_data_loader_n_workers = 0\n'
+    )
+    if launcher == "python":
+        cmd = [sys.executable, "train_network.py"]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "train_network.py"]
+    proc = subprocess.run([*cmd, "--config_file", str(config)[:-5]], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "cli.safetensors").is_file()
+
+
+BAD_INPUTS = [
+    (["--pretrained_model_name_or_path", "runwayml/stable-diffusion-v1-5"], "offline"),
+    (["--pretrained_model_name_or_path", "/nonexistent/model.safetensors"], "/nonexistent/model.safetensors"),
+    (["--train_data_dir", "/nonexistent/data"], "/nonexistent/data"),
+    (["--network_module", "no_such.module"], "no_such.module"),
+    (["--optimizer_type", "Lion"], "not supported yet"),
+    (["--lr_scheduler", "cosine_with_restarts"], "not supported yet"),
+    (["--noise_offset", "0.1"], "not supported yet: --noise_offset"),
+    (["--mixed_precision", "fp16"], "fp16"),
+    (["--network_args", "conv_dim"], "conv_dim"),
+    (["--learnig_rate", "1e-4"], "--learning_rate"),
+]
+
+
+@pytest.mark.parametrize("extra,expected", BAD_INPUTS)
+def test_bad_input_one_line_exit_2_nothing_written(extra, expected, tiny_model_dir, demo_data, tmp_path, capsys):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    argv = train_argv(tiny_model_dir, demo_data, str(out), "--logging_dir", str(logs), *extra)
+    assert train_network.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert files_under(out) == [] and files_under(logs) == []
+
+
+def test_ckpt_needs_opt_in(tmp_path, demo_data, capsys):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    assert train_network.main(train_argv(str(ckpt), demo_data, str(tmp_path / "out"))) == 2
+    assert "--unsafe_load_ckpt" in capsys.readouterr().err
+
+
+def test_other_scripts_answer_not_implemented(capsys):
+    import fine_tune
+    import train_textual_inversion
+
+    assert train_textual_inversion.main([]) == 2
+    assert fine_tune.main([]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
