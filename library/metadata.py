@@ -323,7 +323,8 @@ def build_modelspec(cfg, *, family_name: str, v_prediction: bool, method: str, t
         "modelspec.implementation": IMPL_STABILITY_AI if stability else IMPL_DIFFUSERS,
         "modelspec.title": default_title(cfg, method, timestamp),
     }
-    for field in ("author", "description", "license", "tags"):
+    for field in ("author", "description", "license", "tags", "usage_hint", "merged_from", "trigger_phrase",
+                  "preprocessor"):
         value = _opt(cfg, "metadata_" + field)
         if value is not None:
             metadata["modelspec." + field] = str(value)

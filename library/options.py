@@ -87,16 +87,16 @@ SD_MODELS = _group("sd_models", [
 ])
 
 MODEL_SPEC = _group("model_spec", [
-    _opt("metadata_title", str, None, "modelspec title (default: the output name)"),
-    _opt("metadata_author", str, None, "modelspec author"),
-    _opt("metadata_description", str, None, "modelspec description"),
-    _opt("metadata_license", str, None, "modelspec license"),
-    _opt("metadata_tags", str, None, "modelspec tags, comma separated"),
-    _opt("metadata_usage_hint", str, None, "modelspec usage hint"),
+    _opt("metadata_title", str, None, "modelspec title (default: the output name)", supported=S),
+    _opt("metadata_author", str, None, "modelspec author", supported=S),
+    _opt("metadata_description", str, None, "modelspec description", supported=S),
+    _opt("metadata_license", str, None, "modelspec license", supported=S),
+    _opt("metadata_tags", str, None, "modelspec tags, comma separated", supported=S),
+    _opt("metadata_usage_hint", str, None, "modelspec usage hint", supported=S),
     _opt("metadata_thumbnail", str, None, "modelspec thumbnail: a data URL or an image file"),
-    _opt("metadata_merged_from", str, None, "modelspec list of merged source models"),
-    _opt("metadata_trigger_phrase", str, None, "modelspec trigger phrase"),
-    _opt("metadata_preprocessor", str, None, "modelspec preprocessor"),
+    _opt("metadata_merged_from", str, None, "modelspec list of merged source models", supported=S),
+    _opt("metadata_trigger_phrase", str, None, "modelspec trigger phrase", supported=S),
+    _opt("metadata_preprocessor", str, None, "modelspec preprocessor", supported=S),
     _opt("metadata_is_negative_embedding", str, None, "modelspec flag: this is a negative embedding"),
 ])
 

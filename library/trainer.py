@@ -48,6 +48,7 @@ class Run:
 
     def __init__(self, cfg, method_cls):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
         from library.dataset import build_dataset
@@ -60,8 +61,9 @@ class Run:
             cfg.seed = random.randint(0, 2**32 - 1)  # kohya draws one too, and records it in metadata
         set_seed(cfg.seed)
         self.cfg = cfg
+        self.dataset = build_dataset(cfg)  # before the model: a bad folder is reported in a second
         self.family = load_model(cfg)
-        self.dataset = build_dataset(cfg)
+        self.dataset.verify_bucket_reso_steps(self.family.bucket_divisor)
         self.weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision or "no"]
         self._freeze_base()
         self.method = method_cls(cfg, self.family)
@@ -70,6 +72,9 @@ class Run:
         self.steps_per_epoch = math.ceil(len(self.dataset) / cfg.gradient_accumulation_steps)
         self.max_steps, self.num_epochs = self._schedule_length()
         self.logging_dir = self._logging_dir()
+        # accelerate keeps its state per process; a second in-process run (tests, notebooks) may
+        # ask for another precision, so start from a clean state.
+        AcceleratorState._reset_state(reset_partial_state=True)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=cfg.mixed_precision or "no",

@@ -291,8 +291,6 @@ def test_bucket_option_errors(two_buckets):
         build_dataset(make_cfg(two_buckets, max_bucket_reso=48))
     with pytest.raises(UserError, match="--resolution is required"):
         build_dataset(make_cfg(two_buckets, resolution=None))
-    with pytest.raises(UserError, match="not supported yet: --shuffle_caption"):
-        build_dataset(make_cfg(two_buckets, shuffle_caption=True))
     dataset = build_dataset(make_cfg(two_buckets))
     dataset.verify_bucket_reso_steps(16)
     with pytest.raises(UserError, match="--bucket_reso_steps 16 must be divisible by 64"):

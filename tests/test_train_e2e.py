@@ -180,6 +180,10 @@ BAD_INPUTS = [
     (["--optimizer_type", "Lion"], "not supported yet"),
     (["--lr_scheduler", "cosine_with_restarts"], "not supported yet"),
     (["--noise_offset", "0.1"], "not supported yet: --noise_offset"),
+    (["--shuffle_caption"], "not supported yet: --shuffle_caption"),
+    (["--dataset_config", "d.toml"], "not supported yet: --dataset_config"),
+    (["--save_model_as", "ckpt"], "not supported yet"),
+    (["--log_with", "wandb"], "not supported yet"),
     (["--mixed_precision", "fp16"], "fp16"),
     (["--network_args", "conv_dim"], "conv_dim"),
     (["--learnig_rate", "1e-4"], "--learning_rate"),
@@ -210,3 +214,67 @@ def test_other_scripts_answer_not_implemented(capsys):
     assert train_textual_inversion.main([]) == 2
     assert fine_tune.main([]) == 2
     assert "not implemented yet" in capsys.readouterr().err
+
+
+def _train(tiny_model_dir, demo_data, out, *extra) -> dict:
+    assert train_network.main(train_argv(tiny_model_dir, demo_data, str(out), *extra)) == 0
+    return load_file(out / "lora.safetensors")
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny_model_dir, demo_data, tmp_path):
+    plain = _train(tiny_model_dir, demo_data, tmp_path / "a")
+    checkpointed = _train(tiny_model_dir, demo_data, tmp_path / "b", "--gradient_checkpointing")
+    for k in plain:
+        assert torch.allclose(plain[k], checkpointed[k], atol=1e-6), k
+
+
+def test_accumulation_counts_optimizer_steps(tiny_model_dir, demo_data, tmp_path):
+    _train(tiny_model_dir, demo_data, tmp_path, "--gradient_accumulation_steps", "2", "--max_train_steps", "3")
+    meta = _metadata(str(tmp_path / "lora.safetensors"))
+    assert meta["ss_steps"] == "3" and meta["ss_gradient_accumulation_steps"] == "2"
+
+
+def test_network_weights_resume_with_tiny_lr_is_identity(tiny_model_dir, demo_data, tmp_path):
+    first = _train(tiny_model_dir, demo_data, tmp_path / "a", "--network_args", "conv_dim=2")
+    again = _train(tiny_model_dir, demo_data, tmp_path / "b", "--network_args", "conv_dim=2",
+                   "--network_weights", str(tmp_path / "a" / "lora.safetensors"), "--learning_rate", "1e-30")
+    assert first.keys() == again.keys()
+    for k in first:  # (a learning rate of 0 would freeze the network: kohya's rule, and ours)
+        assert torch.allclose(first[k], again[k], rtol=0, atol=1e-20), k
+
+
+def test_bf16_training_and_fp16_save(tiny_model_dir, demo_data, tmp_path):
+    sd = _train(tiny_model_dir, demo_data, tmp_path, "--mixed_precision", "bf16", "--save_precision", "fp16")
+    assert {t.dtype for t in sd.values()} == {torch.float16}
+    assert all(torch.isfinite(t.float()).all() for t in sd.values())
+    assert _metadata(str(tmp_path / "lora.safetensors"))["ss_mixed_precision"] == "bf16"
+
+
+def test_text_options_and_8bit_optimizer_reach_metadata(tiny_model_dir, demo_data, tmp_path):
+    _train(tiny_model_dir, demo_data, tmp_path, "--clip_skip", "2", "--max_token_length", "150",
+           "--optimizer_type", "AdamW8bit", "--network_dropout", "0.1", "--max_grad_norm", "0.5")
+    meta = _metadata(str(tmp_path / "lora.safetensors"))
+    assert meta["ss_clip_skip"] == "2" and meta["ss_max_token_length"] == "150"
+    assert meta["ss_optimizer"].startswith("bitsandbytes.optim.adamw.AdamW8bit")
+    assert meta["ss_network_dropout"] == "0.1" and meta["ss_max_grad_norm"] == "0.5"
+
+
+def test_no_metadata_keeps_only_kohyas_minimum(tiny_model_dir, demo_data, tmp_path):
+    _train(tiny_model_dir, demo_data, tmp_path, "--no_metadata")
+    meta = _metadata(str(tmp_path / "lora.safetensors"))
+    assert "ss_steps" not in meta and "ss_dataset_dirs" not in meta
+    assert meta["ss_network_module"] == "networks.lora" and "sshs_model_hash" in meta
+
+
+def test_warmup_ratio_in_logged_learning_rate(tiny_model_dir, demo_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "logs"
+    _train(tiny_model_dir, demo_data, tmp_path / "out", "--lr_scheduler", "constant_with_warmup",
+           "--lr_warmup_steps", "0.5", "--logging_dir", str(logs), "--unet_lr", "2e-3")
+    (run_dir,) = os.listdir(logs)
+    acc = EventAccumulator(str(logs / run_dir / "network_train"))
+    acc.Reload()
+    # 4 steps, warmup ceil(0.5 * 4) = 2: the lr logged after steps 1..4 is 1/2, 2/2, 2/2, 2/2 of the peak
+    assert [e.value for e in acc.Scalars("lr/unet")] == pytest.approx([1e-3, 2e-3, 2e-3, 2e-3])
+    assert [e.value for e in acc.Scalars("lr/textencoder")] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])

@@ -18,19 +18,9 @@ from library.dataset import buckets as bk
 from library.dataset.captions import tag_frequency
 from library.dataset.folders import Subset, discover_subsets
 from library.dataset.images import image_size, load_pixels
-from library.errors import UserError, not_supported
+from library.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-# kohya dataset options whose feature is not built yet; a truthy value is refused, never ignored.
-NOT_BUILT_YET = (
-    "dataset_config", "reg_data_dir", "in_json", "dataset_class", "shuffle_caption", "keep_tokens",
-    "keep_tokens_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
-    "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_step",
-    "color_aug", "flip_aug", "random_crop", "face_crop_aug_range", "alpha_mask", "masked_loss",
-    "cache_latents_to_disk",
-)
-
 
 @dataclass
 class ImageRecord:
@@ -219,18 +209,12 @@ class TrainDataset:
         return {"buckets": buckets, "mean_img_ar_error": float(mean_error)}
 
 
-def _check_not_built(cfg) -> None:
-    for name in NOT_BUILT_YET:
-        if getattr(cfg, name, None):
-            raise not_supported(name)
-
-
-def build_dataset(cfg, tokenizer_free: bool = True) -> TrainDataset:
+def build_dataset(cfg) -> TrainDataset:
     """The training dataset described by `cfg` (train_data_dir, resolution, bucket and batch options).
 
-    Captions stay strings (`tokenizer_free`): the model family tokenizes them.
+    Captions stay strings: the model family tokenizes them. Options whose feature is not built yet
+    were already refused by library.config.
     """
-    _check_not_built(cfg)
     settings = BucketSettings.from_cfg(cfg)
     if not getattr(cfg, "train_data_dir", None):
         raise UserError("--train_data_dir is required: a folder holding <repeats>_<concept> sub-folders of images")

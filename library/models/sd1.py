@@ -92,6 +92,11 @@ class SD1Family:
         self.max_token_length = None if max_token_length == 75 else max_token_length
         self.clip_skip = clip_skip
 
+    @property
+    def bucket_divisor(self) -> int:
+        """Image sides must divide by this: the VAE's factor 8 times the UNet's own downsampling."""
+        return 8 * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     # --- loading ----------------------------------------------------------------------------------
 
     @classmethod
