@@ -14,8 +14,10 @@ from tqdm.auto import tqdm
 
 from library import losses, optim
 from library.config import parse_args, write_output_config
+from library.dataset import build_dataset, make_loader
 from library.errors import UserError
 from library.methods import METHODS
+from library.models import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +52,6 @@ class Run:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
-
-        from library.dataset import build_dataset
-        from library.models import load_model
 
         check_required(cfg)
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -150,6 +149,8 @@ class Run:
         if self.cfg.gradient_checkpointing:
             self.method.enable_gradient_checkpointing()
             fam.unet.train()  # diffusers only checkpoints in training mode
+        self.loader = make_loader(self.dataset, self.cfg.max_data_loader_n_workers,
+                                  self.cfg.persistent_data_loader_workers)
         self.network, self.optimizer, self.lr_scheduler = acc.prepare(
             self.method.module, self.optimizer, self.lr_scheduler
         )
@@ -212,14 +213,15 @@ class Run:
     def _train_epoch(self, epoch: int, step_losses: list[float], progress) -> list[float]:
         cfg, acc = self.cfg, self.accelerator
         self.dataset.set_epoch(epoch)
+        self.loader.sampler.set_epoch(epoch)
         self.method.on_epoch_start()
         self.network.train()
         epoch_losses: list[float] = []
         accumulated = []
         started = time.perf_counter()
-        for index in range(len(self.dataset)):
+        for batch in self.loader:
             with acc.accumulate(self.network):
-                loss = self.step_loss(self.dataset[index])
+                loss = self.step_loss(batch)
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)

@@ -370,3 +370,16 @@ def test_demo_dataset_is_deterministic(tmp_path):
     assert dataset.info["num_train_images"] == 90
     assert dataset.bucket_counts() == {(48, 80): 20, (64, 64): 70}
     assert sum(c == "shapes" for c in dataset.subsets[0].captions) == 1
+
+
+def test_epoch_addressed_items_and_loader(two_buckets):
+    from library.dataset import make_loader
+
+    dataset = build_dataset(make_cfg(two_buckets))
+    by_tuple = [dataset[(1, i)]["image_paths"] for i in range(len(dataset))]
+    dataset.set_epoch(1)
+    assert by_tuple == [dataset[i]["image_paths"] for i in range(len(dataset))]
+    dataset.set_epoch(0)
+    loader = make_loader(dataset, max_workers=0, persistent=False)
+    loader.sampler.set_epoch(1)
+    assert [b["image_paths"] for b in loader] == by_tuple

@@ -278,3 +278,14 @@ def test_warmup_ratio_in_logged_learning_rate(tiny_model_dir, demo_data, tmp_pat
     # 4 steps, warmup ceil(0.5 * 4) = 2: the lr logged after steps 1..4 is 1/2, 2/2, 2/2, 2/2 of the peak
     assert [e.value for e in acc.Scalars("lr/unet")] == pytest.approx([1e-3, 2e-3, 2e-3, 2e-3])
     assert [e.value for e in acc.Scalars("lr/textencoder")] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_loader_workers_give_the_same_weights(tiny_model_dir, demo_data, tmp_path):
+    # Without a latent cache, batches are decoded by DataLoader workers; epoch 2 must be re-planned
+    # inside the (persistent) workers exactly as the main process would.
+    extra = ("--max_train_epochs", "2", "--train_batch_size", "8")
+    main_process = _train(tiny_model_dir, demo_data, tmp_path / "a", *extra)
+    workers = _train(tiny_model_dir, demo_data, tmp_path / "b", *extra, "--max_data_loader_n_workers", "2",
+                     "--persistent_data_loader_workers")
+    for k in main_process:
+        assert torch.equal(main_process[k], workers[k]), k

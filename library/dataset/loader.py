@@ -8,6 +8,7 @@ smaller), in an order shuffled deterministically from (seed, epoch).
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -136,7 +137,11 @@ class TrainDataset:
     def __len__(self) -> int:
         return len(self._batches)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        if isinstance(index, tuple):  # (epoch, i) from EpochSampler: a worker process follows the epoch itself
+            epoch, index = index
+            if epoch != self.epoch:
+                self.set_epoch(epoch)
         members = [self.records[i] for i in self._batches[index]]
         images = latents = None
         if self.latent_cache is not None:
@@ -232,6 +237,36 @@ def build_dataset(cfg) -> TrainDataset:
     dataset = TrainDataset(subsets, records, settings, batch_size, seed)
     _log_summary(dataset)
     return dataset
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, batch index): DataLoader workers, persistent ones included, then plan the
+    epoch's batches in their own copy of the dataset instead of keeping the order they were forked with."""
+
+    def __init__(self, dataset: TrainDataset):
+        self.dataset = dataset
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in range(len(self.dataset))])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def make_loader(dataset: TrainDataset, max_workers: int | None, persistent: bool) -> torch.utils.data.DataLoader:
+    """A DataLoader over whole batches. Workers decode images in parallel (kohya's rule: at most one per
+    CPU); cached latents are already in memory, so then batches are served by the main process."""
+    workers = 0 if dataset.latent_cache is not None else min(max_workers or 0, os.cpu_count() or 1)
+    # The loader draws its worker seeds from this generator, never from the global one, so the
+    # training noise is the same whatever the worker settings.
+    generator = torch.Generator().manual_seed(dataset.seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=EpochSampler(dataset),
+                                       num_workers=workers, persistent_workers=persistent and workers > 0,
+                                       generator=generator)
 
 
 def _log_summary(dataset: TrainDataset) -> None:
