@@ -5,6 +5,12 @@ and from a single-file checkpoint. Prints one JSON line per run: seconds per ste
 (load + caching + training + save) and the child's peak RSS, next to kohya sd-scripts' figures on the
 same kind of machine.
 
+These shared 2-vCPU machines change speed over time (the same run measured 7.6 and 4.3 s/step forty
+minutes apart), so each run is preceded by a probe: one plain SD1.5 UNet forward (32x32 latents,
+batch 1, fp32, no grad, best of 3), measured in its own process. kohya's figures come from a machine
+where that forward took about 1 s (shared/FACTS.md); `normalized_ratio` divides our figure by the
+probe and kohya's by that second: an estimate of the ratio on equal hardware.
+
     .venv/bin/python bench/bench_sd15_lora.py [--work .bench] [--steps 10]
 """
 
@@ -22,6 +28,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 KOHYA = {"s_per_step": 3.2, "wall_s": 58.0, "peak_rss_gb": {"folder": 7.26, "single_file": 8.86}}
+KOHYA_PROBE_S = 1.0  # the UNet forward on the machine kohya's figures were taken on (FACTS.md: "~1 s")
+
+PROBE = """
+import sys, time, torch
+from diffusers import UNet2DConditionModel
+unet = UNet2DConditionModel.from_pretrained(sys.argv[1]).requires_grad_(False).eval()
+x, t, c = torch.randn(1, 4, 32, 32), torch.tensor([500]), torch.randn(1, 77, 768)
+times = []
+with torch.no_grad():
+    unet(x, t, c)
+    for _ in range(3):
+        start = time.perf_counter()
+        unet(x, t, c)
+        times.append(time.perf_counter() - start)
+print(min(times))
+"""
+
+
+def probe_unet_forward(folder: str) -> float:
+    """Seconds for one SD1.5 UNet forward on this machine right now (see the module doc)."""
+    out = subprocess.run([sys.executable, "-c", PROBE, os.path.join(folder, "unet")], capture_output=True,
+                         text=True, check=True)
+    return round(float(out.stdout.strip().splitlines()[-1]), 3)
 
 
 def prepare(work: str) -> dict:
@@ -78,12 +107,16 @@ def main(argv=None) -> int:
     for source in ("folder", "single_file"):
         if args.only and source != args.only:
             continue
+        probe = probe_unet_forward(paths["folder"])
         result = run_once(paths[source], paths["data"], os.path.join(args.work, "out", source), args.steps)
         kohya = {"s_per_step": KOHYA["s_per_step"], "wall_s": KOHYA["wall_s"],
                  "peak_rss_gb": KOHYA["peak_rss_gb"][source]}
         ratios = {k: round(result[k] / kohya[k], 2) for k in kohya}
+        speed = probe / KOHYA_PROBE_S  # > 1: this machine is slower now than kohya's was
+        normalized = {k: round(result[k] / speed / kohya[k], 2) for k in ("s_per_step", "wall_s")}
         print(json.dumps({"bench": "sd15_lora_256px", "source": source, "steps": args.steps, **result,
-                          "kohya": kohya, "ratio_to_kohya": ratios, "cpus": os.cpu_count()}), flush=True)
+                          "probe_unet_forward_s": probe, "kohya": kohya, "ratio_to_kohya": ratios,
+                          "normalized_ratio": normalized, "cpus": os.cpu_count()}), flush=True)
     return 0
 
 

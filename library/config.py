@@ -365,3 +365,15 @@ def parse_args(argv: Sequence[str] | None = None, script: str = "train_network")
     check_supported(cfg, options)
     cross_check(cfg)
     return cfg
+
+
+def text_encoder_lr(value, num_encoders: int = 1):
+    """kohya v0.10 takes one --text_encoder_lr per text encoder (nargs="*"). One encoder gets the first
+    value (None when none was given); several get a list, the last value repeated as needed."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    if not value:
+        return None
+    if num_encoders == 1:
+        return value[0]
+    return [value[min(i, len(value) - 1)] for i in range(num_encoders)]

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from library.config import text_encoder_lr
 from library.errors import UserError
 from library.saving import add_model_hashes, file_sha256, model_hash
 
@@ -196,13 +197,6 @@ def _face_crop_range(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _text_encoder_lr(value: Any) -> Any:
-    """kohya accepts one lr per text encoder; a single-encoder network records the first (or None)."""
-    if isinstance(value, (list, tuple)):
-        return value[0] if value else None
-    return value
-
-
 def parse_network_args(cfg) -> dict[str, Any] | None:
     """--network_args as kohya records them in ss_network_args (None when not given).
 
@@ -367,7 +361,7 @@ def build_training_metadata(
     values: dict[str, Any] = {
         SESSION_KEY: session_id,
         "ss_training_started_at": training_started_at,
-        "ss_text_encoder_lr": _text_encoder_lr(_opt(cfg, "text_encoder_lr")),
+        "ss_text_encoder_lr": text_encoder_lr(_opt(cfg, "text_encoder_lr")),
         "ss_num_train_images": dataset_info.get("num_train_images", 0),
         "ss_num_validation_images": dataset_info.get("num_validation_images", 0),
         "ss_num_reg_images": dataset_info.get("num_reg_images", 0),

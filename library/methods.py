@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from library.config import text_encoder_lr
 from library.errors import UserError
 from networks.base import load_network_module, parse_network_args
 
@@ -47,7 +48,8 @@ class NetworkMethod:
     def param_groups(self) -> tuple[list, list[str]]:
         """Optimizer parameter groups and a name for each (used to label learning rates in logs)."""
         cfg = self.cfg
-        result = self.network.prepare_optimizer_params(cfg.text_encoder_lr, cfg.unet_lr, cfg.learning_rate)
+        te_lr = text_encoder_lr(cfg.text_encoder_lr, len(self.family.text_encoders))
+        result = self.network.prepare_optimizer_params(te_lr, cfg.unet_lr, cfg.learning_rate)
         groups, names = result if isinstance(result, tuple) else (result, None)
         if names is None or len(names) != len(groups):
             names = self._default_group_names(len(groups))

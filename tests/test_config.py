@@ -286,3 +286,13 @@ def test_bare_output_config_targets_config_file_like_kohya(tmp_path):
     cfg = parse_args(["--seed", "5", "--output_config", "--config_file", target])
     assert (cfg.output_config, cfg.config_file, cfg.seed) == (target + ".toml", None, 5)
     assert error_of(["--output_config"]).startswith("--output_config needs a PATH")
+
+
+@pytest.mark.parametrize("value,encoders,expected", [
+    (None, 1, None), ([], 1, None), ([1e-4], 1, 1e-4), ([1e-4, 2e-4], 1, 1e-4),
+    ([1e-4], 2, [1e-4, 1e-4]), ([1e-4, 2e-4], 2, [1e-4, 2e-4]), (5e-5, 1, 5e-5),
+])
+def test_text_encoder_lr_per_encoder(value, encoders, expected):
+    from library.config import text_encoder_lr
+
+    assert text_encoder_lr(value, encoders) == expected

@@ -144,12 +144,24 @@ def test_tensorboard_log_has_loss_and_lr(tiny_model_dir, demo_data, tmp_path):
     assert acc.Scalars("lr/unet")[0].value == pytest.approx(1e-3)
 
 
-def test_unet_only_and_separate_lrs(tiny_model_dir, demo_data, tmp_path):
-    out = tmp_path / "out"
-    argv = train_argv(tiny_model_dir, demo_data, str(out), "--network_train_unet_only", "--unet_lr", "2e-3")
-    assert train_network.main(argv) == 0
-    sd = load_file(out / "lora.safetensors")
-    assert sd and all(k.startswith("lora_unet_") for k in sd)
+@pytest.mark.parametrize("flag,prefix", [("--network_train_unet_only", "lora_unet_"),
+                                         ("--network_train_text_encoder_only", "lora_te_")])
+def test_train_one_half_only(flag, prefix, tiny_model_dir, demo_data, tmp_path):
+    sd = _train(tiny_model_dir, demo_data, tmp_path, flag, "--unet_lr", "2e-3", "--text_encoder_lr", "1e-4")
+    assert sd and all(k.startswith(prefix) for k in sd)
+    # the half that trained moved its up weights away from their zero init
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
+
+
+def test_output_config_writes_and_is_read_back(tiny_model_dir, demo_data, tmp_path):
+    out, config = tmp_path / "out", tmp_path / "saved.toml"
+    argv = train_argv(tiny_model_dir, demo_data, str(out), "--network_args", "conv_dim=2", "--cache_latents")
+    assert train_network.main([*argv, "--output_config", str(config)]) == 0
+    assert config.is_file() and files_under(out) == []  # wrote the options, trained nothing
+    read_back = vars(parse_args(["--config_file", str(config)]))
+    assert read_back.pop("config_file") == str(config)
+    assert read_back == {k: v for k, v in vars(parse_args(argv)).items() if k != "config_file"}
+    assert train_network.main([*argv, "--output_config", str(config)]) == 2  # never overwrites
 
 
 @pytest.mark.parametrize("launcher", ["python", "accelerate"])
@@ -187,6 +199,8 @@ BAD_INPUTS = [
     (["--mixed_precision", "fp16"], "fp16"),
     (["--network_args", "conv_dim"], "conv_dim"),
     (["--learnig_rate", "1e-4"], "--learning_rate"),
+    (["--resolution", "64,abc"], "--resolution"),
+    (["--caption_extension", ".txt", "--train_batch_size", "0"], "--train_batch_size"),
 ]
 
 
