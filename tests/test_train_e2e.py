@@ -266,8 +266,11 @@ def test_bf16_training_and_fp16_save(tiny_model_dir, demo_data, tmp_path):
 
 def test_text_options_and_8bit_optimizer_reach_metadata(tiny_model_dir, demo_data, tmp_path):
     _train(tiny_model_dir, demo_data, tmp_path, "--clip_skip", "2", "--max_token_length", "150",
-           "--optimizer_type", "AdamW8bit", "--network_dropout", "0.1", "--max_grad_norm", "0.5")
+           "--optimizer_type", "AdamW8bit", "--network_dropout", "0.1", "--max_grad_norm", "0.5",
+           "--metadata_title", "My LoRA", "--metadata_author", "me", "--metadata_trigger_phrase", "sks shape")
     meta = _metadata(str(tmp_path / "lora.safetensors"))
+    assert meta["modelspec.title"] == "My LoRA" and meta["modelspec.author"] == "me"
+    assert meta["modelspec.trigger_phrase"] == "sks shape" and meta["modelspec.encoder_layer"] == "2"
     assert meta["ss_clip_skip"] == "2" and meta["ss_max_token_length"] == "150"
     assert meta["ss_optimizer"].startswith("bitsandbytes.optim.adamw.AdamW8bit")
     assert meta["ss_network_dropout"] == "0.1" and meta["ss_max_grad_norm"] == "0.5"
