@@ -26,3 +26,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        # Saves are atomic: whatever was written before Ctrl-C is intact.
+        print("interrupted", file=sys.stderr)
+        return 130

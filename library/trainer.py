@@ -195,16 +195,16 @@ class Run:
                     self.dataset.info["num_train_images"], len(self.dataset), self.num_epochs, self.max_steps)
         step_losses: list[float] = []
         self.step_times: list[float] = []
-        progress = tqdm(total=self.max_steps, desc="steps", disable=not acc.is_local_main_process)
-        for epoch in range(self.num_epochs):
-            epoch_losses = self._train_epoch(epoch, step_losses, progress)
-            if epoch_losses:
-                acc.log({"loss/epoch": sum(epoch_losses) / len(epoch_losses)}, step=epoch + 1)
-            if len(step_losses) >= self.max_steps:
-                break
-            if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0:
-                self.save(f"{self.output_name}-{epoch + 1:06d}", epoch + 1, len(step_losses))
-        progress.close()
+        # The context closes the bar on any exit, so an error line starts on a line of its own.
+        with tqdm(total=self.max_steps, desc="steps", disable=not acc.is_local_main_process) as progress:
+            for epoch in range(self.num_epochs):
+                epoch_losses = self._train_epoch(epoch, step_losses, progress)
+                if epoch_losses:
+                    acc.log({"loss/epoch": sum(epoch_losses) / len(epoch_losses)}, step=epoch + 1)
+                if len(step_losses) >= self.max_steps:
+                    break
+                if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0:
+                    self.save(f"{self.output_name}-{epoch + 1:06d}", epoch + 1, len(step_losses))
         self._log_speed()
         self.save(self.output_name, self.num_epochs, len(step_losses))
         acc.end_training()

@@ -306,3 +306,21 @@ def test_loader_workers_give_the_same_weights(tiny_model_dir, demo_data, tmp_pat
                      "--persistent_data_loader_workers")
     for k in main_process:
         assert torch.equal(main_process[k], workers[k]), k
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_corrupt_image_mid_run_is_one_line(workers, tiny_model_dir, demo_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    image = sorted((data / "10_shapes").glob("*.png"))[0]
+    image.write_bytes(image.read_bytes()[:200])  # the header still reads; decoding fails mid-run
+    out = tmp_path / "out"
+    argv = train_argv(tiny_model_dir, str(data), str(out), "--max_train_steps", "60", "--train_batch_size", "1",
+                      "--max_data_loader_n_workers", workers)
+    assert train_network.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.replace("\r", "\n").strip().splitlines()[-1] == f"error: cannot decode image {image}: image file is truncated"
+    assert files_under(out) == []

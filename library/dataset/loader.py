@@ -257,16 +257,51 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.dataset)
 
 
-def make_loader(dataset: TrainDataset, max_workers: int | None, persistent: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader over whole batches. Workers decode images in parallel (kohya's rule: at most one per
-    CPU); cached latents are already in memory, so then batches are served by the main process."""
-    workers = 0 if dataset.latent_cache is not None else min(max_workers or 0, os.cpu_count() or 1)
-    # The loader draws its worker seeds from this generator, never from the global one, so the
-    # training noise is the same whatever the worker settings.
-    generator = torch.Generator().manual_seed(dataset.seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=EpochSampler(dataset),
-                                       num_workers=workers, persistent_workers=persistent and workers > 0,
-                                       generator=generator)
+class _ErrorsAsData(torch.utils.data.Dataset):
+    """A UserError raised inside a DataLoader worker reaches the user as a multi-line traceback;
+    hand it back as data instead, so the main process raises it as the usual one line."""
+
+    def __init__(self, dataset: TrainDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except UserError as exc:
+            return {"user_error": str(exc)}
+
+
+class BatchLoader:
+    """Batches of a TrainDataset for the training loop. Workers decode images in parallel (kohya's
+    rule: at most one per CPU); cached latents are already in memory, so then the main process serves."""
+
+    def __init__(self, dataset: TrainDataset, max_workers: int | None, persistent: bool):
+        workers = 0 if dataset.latent_cache is not None else min(max_workers or 0, os.cpu_count() or 1)
+        self.sampler = EpochSampler(dataset)
+        # Worker seeds come from this generator, never from the global one, so the training noise is
+        # the same whatever the worker settings.
+        generator = torch.Generator().manual_seed(dataset.seed)
+        self._loader = torch.utils.data.DataLoader(
+            _ErrorsAsData(dataset), batch_size=None, sampler=self.sampler, num_workers=workers,
+            persistent_workers=persistent and workers > 0, generator=generator,
+        )
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for batch in self._loader:
+            if "user_error" in batch:
+                raise UserError(batch["user_error"])
+            yield batch
+
+
+def make_loader(dataset: TrainDataset, max_workers: int | None, persistent: bool) -> BatchLoader:
+    """The loader the training loop iterates, once per epoch (see BatchLoader)."""
+    return BatchLoader(dataset, max_workers, persistent)
 
 
 def _log_summary(dataset: TrainDataset) -> None:
