@@ -277,15 +277,22 @@ def default_config(script: str = "train_network") -> argparse.Namespace:
     return argparse.Namespace(**{name: copy.copy(opt.default) for name, opt in options_for(script).items()})
 
 
+def _is_off(value: Any) -> bool:
+    """kohya switches its features on with `if args.x:`, and GUI wrappers write "", 0 or [] for a
+    feature that is off: such values leave a feature unused, so they are not refused."""
+    return value is None or value is False or (not isinstance(value, bool) and value in ("", 0, []))
+
+
 def check_supported(cfg: argparse.Namespace, options: dict[str, Option]) -> None:
-    """Refuse options sdtune has not built yet, when given a value other than their default."""
+    """Refuse options sdtune has not built yet, when given a value that would switch them on."""
     refused = []
     for name, opt in options.items():
         value = getattr(cfg, name)
         if opt.supported is True or _is_default(value, opt.default):
             continue
         if opt.supported is False:
-            refused.append(name)
+            if not _is_off(value):
+                refused.append(name)
             continue
         allowed = [v.lower() if isinstance(v, str) else v for v in opt.supported]
         if (value.lower() if isinstance(value, str) else value) not in allowed:

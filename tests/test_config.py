@@ -296,3 +296,14 @@ def test_text_encoder_lr_per_encoder(value, encoders, expected):
     from library.config import text_encoder_lr
 
     assert text_encoder_lr(value, encoders) == expected
+
+
+def test_gui_off_values_of_unbuilt_features_are_accepted(tmp_path):
+    # kohya_ss GUI files list every option; unused features hold "", 0 or []: kohya treats those as off.
+    path = tmp_path / "gui.toml"
+    path.write_text('sample_prompts = ""\nreg_data_dir = ""\ndataset_config = ""\nnoise_offset = 0\n'
+                    'min_snr_gamma = 0\nlr_scheduler_args = []\nflip_aug = false\nvae = ""\n')
+    cfg = parse_args(["--config_file", str(path)])
+    assert cfg.noise_offset == 0.0 and cfg.sample_prompts == "" and cfg.lr_scheduler_args == []
+    with pytest.raises(UserError, match=r"^not supported yet: --min_snr_gamma$"):
+        parse_args(["--config_file", str(path), "--min_snr_gamma", "5"])
