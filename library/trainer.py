@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -41,8 +40,6 @@ def check_required(cfg) -> None:
     for name in ("pretrained_model_name_or_path", "train_data_dir", "output_dir"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
-    if cfg.save_model_as not in (None, "safetensors"):
-        raise UserError(f"--save_model_as {cfg.save_model_as}: not supported yet (use safetensors)")
 
 
 class Run:
@@ -148,7 +145,9 @@ class Run:
             te.to(acc.device)
         if self.cfg.gradient_checkpointing:
             self.method.enable_gradient_checkpointing()
-            fam.unet.train()  # diffusers only checkpoints in training mode
+            # diffusers and transformers only checkpoint in training mode (SD's CLIP has no dropout)
+            for model in [fam.unet, *fam.text_encoders]:
+                model.train()
         self.loader = make_loader(self.dataset, self.cfg.max_data_loader_n_workers,
                                   self.cfg.persistent_data_loader_workers)
         self.network, self.optimizer, self.lr_scheduler = acc.prepare(
@@ -162,7 +161,7 @@ class Run:
         latents = batch["latents"]
         if latents is None:
             with torch.no_grad():
-                latents = fam.encode_images(batch["images"].to(acc.device, dtype=self.weight_dtype))
+                latents = fam.encode_images(batch["images"])  # moved to the VAE's device and dtype
         latents = latents.to(acc.device, dtype=torch.float32)
         grad_text = self.method.train_text_encoder
         with torch.set_grad_enabled(grad_text), acc.autocast():
