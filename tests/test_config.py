@@ -307,3 +307,10 @@ def test_gui_off_values_of_unbuilt_features_are_accepted(tmp_path):
     assert cfg.noise_offset == 0.0 and cfg.sample_prompts == "" and cfg.lr_scheduler_args == []
     with pytest.raises(UserError, match=r"^not supported yet: --min_snr_gamma$"):
         parse_args(["--config_file", str(path), "--min_snr_gamma", "5"])
+
+
+@pytest.mark.parametrize("name", ["quickstart.toml", "sd15_lora.toml"])
+def test_shipped_configs_use_only_supported_options(name):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", name)
+    cfg = parse_args(["--config_file", path])  # raises on unknown or not-yet-supported options
+    assert cfg.network_module == "networks.lora" and cfg.config_file == path
