@@ -14,11 +14,11 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import tomllib
 from typing import Any, Sequence
 
 from library.errors import UserError, not_supported
+from library.saving import atomic_write_text
 from library.options import IGNORED_KEYS, Option, int_or_float, options_for
 
 logger = logging.getLogger(__name__)
@@ -252,14 +252,7 @@ def write_output_config(cfg: argparse.Namespace, path: str, script: str = "train
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"{path}: folder {folder} does not exist")
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".output_config.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 # --- resolving and checking ------------------------------------------------------------------------

@@ -81,16 +81,6 @@ def atomic_write_text(path: str, text: str) -> None:
     _atomic_write(path, write)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` atomically."""
-
-    def write(tmp_path: str) -> None:
-        with open(tmp_path, "wb") as handle:
-            handle.write(data)
-
-    _atomic_write(path, write)
-
-
 def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
     """safetensors metadata is str -> str; anything else is a programming error, caught before writing."""
     if metadata is None:
