@@ -52,7 +52,7 @@ def two_buckets(tmp_path):
     root = tmp_path / "data"
     for i in range(5):
         write_image(str(root / "2_square" / f"s{i}.png"), (64, 64), value=10 * i)
-        write_text(str(root / "2_square" / f"s{i}.caption"), f"red, Square, n{i}\nsecond line ignored")
+        write_text(str(root / "2_square" / f"s{i}.caption"), f"red, Square, n{i}")
     for i in range(3):
         write_image(str(root / "2_tall" / f"t{i}.png"), (64, 96), value=100 + 10 * i)
     write_text(str(root / "2_tall" / "t0.caption"), "tall one")
@@ -132,7 +132,7 @@ def test_discover_subsets_captions_and_class_tokens(tmp_path, caplog):
     assert (subset.num_repeats, subset.class_tokens, subset.name, subset.img_count) == (3, "my_dog", "3_my_dog", 3)
     names = [os.path.basename(p) for p in subset.image_paths]
     assert names == ["C.PNG", "a.png", "b.jpg"]
-    assert subset.captions == ["spaced caption", "a dog on grass", "my_dog"]
+    assert subset.captions == ["spaced caption", "a dog on grass\nmore text", "my_dog"]  # every line kept
     assert subset.num_caption_files == 2
     text = caplog.text
     assert "dogs" in text and "repeat count" in text

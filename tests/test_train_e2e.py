@@ -192,7 +192,7 @@ BAD_INPUTS = [
     (["--optimizer_type", "Lion"], "not supported yet"),
     (["--lr_scheduler", "cosine_with_restarts"], "not supported yet"),
     (["--noise_offset", "0.1"], "not supported yet: --noise_offset"),
-    (["--shuffle_caption"], "not supported yet: --shuffle_caption"),
+    (["--flip_aug"], "not supported yet: --flip_aug"),
     (["--dataset_config", "d.toml"], "not supported yet: --dataset_config"),
     (["--save_model_as", "ckpt"], "not supported yet"),
     (["--log_with", "wandb"], "not supported yet"),
@@ -267,10 +267,13 @@ def test_bf16_training_and_fp16_save(tiny_model_dir, demo_data, tmp_path):
 def test_text_options_and_8bit_optimizer_reach_metadata(tiny_model_dir, demo_data, tmp_path):
     _train(tiny_model_dir, demo_data, tmp_path, "--clip_skip", "2", "--max_token_length", "150",
            "--optimizer_type", "AdamW8bit", "--network_dropout", "0.1", "--max_grad_norm", "0.5",
-           "--metadata_title", "My LoRA", "--metadata_author", "me", "--metadata_trigger_phrase", "sks shape")
+           "--metadata_title", "My LoRA", "--metadata_author", "me", "--metadata_trigger_phrase", "sks shape",
+           "--shuffle_caption", "--keep_tokens", "1", "--caption_dropout_rate", "0.1", "--enable_wildcard")
     meta = _metadata(str(tmp_path / "lora.safetensors"))
     assert meta["modelspec.title"] == "My LoRA" and meta["modelspec.author"] == "me"
     assert meta["modelspec.trigger_phrase"] == "sks shape" and meta["modelspec.encoder_layer"] == "2"
+    assert meta["ss_shuffle_caption"] == "True" and meta["ss_keep_tokens"] == "1"
+    assert meta["ss_caption_dropout_rate"] == "0.1"
     assert meta["ss_clip_skip"] == "2" and meta["ss_max_token_length"] == "150"
     assert meta["ss_optimizer"].startswith("bitsandbytes.optim.adamw.AdamW8bit")
     assert meta["ss_network_dropout"] == "0.1" and meta["ss_max_grad_norm"] == "0.5"

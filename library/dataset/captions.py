@@ -1,12 +1,17 @@
-"""Caption files and caption statistics: small pure functions.
+"""Caption files, caption statistics, and per-epoch caption processing: small pure functions.
 
-Per-epoch caption processing (shuffle_caption, keep_tokens, dropout, prefix/suffix, wildcards)
-belongs here too, as functions of (caption, options, rng), when it is built.
+`process_caption(text, options, epoch, rng)` applies kohya's steps in kohya's order: prefix / suffix,
+whole-caption dropout, wildcards, the fixed / shuffled / fixed-suffix split with tag dropout and
+shuffling, then the secondary separator. A caption file may hold several captions, one per line: one
+is drawn per sample per epoch (OneTrainer's behaviour; kohya does it only with --enable_wildcard).
 """
 
 from __future__ import annotations
 
 import os
+import random
+import re
+from dataclasses import dataclass
 
 from library.errors import UserError
 
@@ -33,7 +38,7 @@ def caption_candidates(image_path: str, extension: str) -> list[str]:
 
 
 def read_caption(image_path: str, extension: str) -> str | None:
-    """The caption for an image: the first line of its caption file, stripped; None without a file."""
+    """The caption text of an image: its non-empty lines, stripped, joined by newlines; None without a file."""
     for path in caption_candidates(image_path, extension):
         if not os.path.isfile(path):
             continue
@@ -42,9 +47,10 @@ def read_caption(image_path: str, extension: str) -> str | None:
                 lines = handle.readlines()
         except UnicodeDecodeError:
             raise UserError(f"caption file {path} is not UTF-8 text: re-save it as UTF-8") from None
+        lines = [line.strip() for line in lines if line.strip()]
         if not lines:
             raise UserError(f"caption file {path} is empty: write a caption, or delete it to use the class token")
-        return lines[0].strip()
+        return "\n".join(lines)
     return None
 
 
@@ -55,8 +61,98 @@ def tag_frequency(captions: list[str]) -> dict[str, int]:
     """
     counts: dict[str, int] = {}
     for caption in captions:
-        for tag in caption.split(","):
+        for tag in caption.replace("\n", ",").split(","):
             tag = tag.strip().lower()
             if tag:
                 counts[tag] = counts.get(tag, 0) + 1
     return counts
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """kohya's caption options (the CLI / config names), read once from the resolved config."""
+
+    prefix: str | None = None
+    suffix: str | None = None
+    dropout_rate: float = 0.0
+    dropout_every_n_epochs: int = 0
+    enable_wildcard: bool = False
+    shuffle: bool = False
+    separator: str = ","
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    tag_dropout_rate: float = 0.0
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "CaptionOptions":
+        def get(name, default):
+            value = getattr(cfg, name, None)
+            return default if value is None else value
+
+        return cls(get("caption_prefix", None), get("caption_suffix", None), get("caption_dropout_rate", 0.0),
+                   get("caption_dropout_every_n_epochs", 0), get("enable_wildcard", False),
+                   get("shuffle_caption", False), get("caption_separator", ",") or ",", get("keep_tokens", 0),
+                   get("keep_tokens_separator", ""), get("secondary_separator", None),
+                   get("caption_tag_dropout_rate", 0.0))
+
+
+_WILDCARD = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_wildcards(caption: str, rng: random.Random) -> str:
+    """`{a|b|c}` -> one of a, b, c; `{{` and `}}` stand for literal braces (kohya's escape)."""
+    open_mark, close_mark = "\x00", "\x01"
+    text = caption.replace("{{", open_mark).replace("}}", close_mark)
+    text = _WILDCARD.sub(lambda m: rng.choice(m.group(1).split("|")), text)
+    return text.replace(open_mark, "{").replace(close_mark, "}")
+
+
+def _parts(text: str, separator: str) -> list[str]:
+    return [part.strip() for part in text.split(separator) if part.strip()]
+
+
+def shuffle_tags(caption: str, opts: CaptionOptions, rng: random.Random) -> str:
+    """kohya's tag step: fixed head, shuffled / dropped middle, fixed tail, joined with ", ".
+
+    With keep_tokens_separator in the caption, the text before it is fixed and the text after a second
+    one is a fixed tail; otherwise the first keep_tokens parts are fixed.
+    """
+    tail: list[str] = []
+    if opts.keep_tokens_separator and opts.keep_tokens_separator in caption:
+        head_text, flex_text = caption.split(opts.keep_tokens_separator, 1)
+        if opts.keep_tokens_separator in flex_text:
+            flex_text, tail_text = flex_text.split(opts.keep_tokens_separator, 1)
+            tail = _parts(tail_text, opts.separator)
+        head, flex = _parts(head_text, opts.separator), _parts(flex_text, opts.separator)
+    else:
+        parts = _parts(caption, opts.separator)
+        head, flex = parts[: opts.keep_tokens], parts[opts.keep_tokens:]
+    if opts.shuffle:
+        rng.shuffle(flex)
+    if opts.tag_dropout_rate > 0:
+        flex = [tag for tag in flex if rng.random() >= opts.tag_dropout_rate]
+    return ", ".join(head + flex + tail)
+
+
+def process_caption(text: str, opts: CaptionOptions, epoch: int, rng: random.Random) -> str:
+    """The caption one sample trains with in `epoch` (0-based), drawn from `rng` (see the module doc)."""
+    lines = text.split("\n")
+    caption = lines[0] if len(lines) == 1 else rng.choice(lines)
+    if opts.prefix:
+        caption = opts.prefix + " " + caption
+    if opts.suffix:
+        caption = caption + " " + opts.suffix
+    dropped = opts.dropout_rate > 0 and rng.random() < opts.dropout_rate
+    # kohya counts epochs from 1: with N, the captions of epochs N, 2N, ... are dropped
+    if dropped or (opts.dropout_every_n_epochs > 0 and (epoch + 1) % opts.dropout_every_n_epochs == 0):
+        return ""
+    if opts.enable_wildcard:
+        caption = expand_wildcards(caption, rng)
+    # kohya leaves keep_tokens_separator in the text when nothing shuffles; it never belongs in a prompt
+    separator_left = bool(opts.keep_tokens_separator) and opts.keep_tokens_separator in caption
+    if opts.shuffle or opts.tag_dropout_rate > 0 or separator_left:
+        caption = shuffle_tags(caption, opts, rng)
+    if opts.secondary_separator:
+        caption = caption.replace(opts.secondary_separator, opts.separator)
+    return caption

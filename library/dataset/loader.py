@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from library.dataset import buckets as bk
-from library.dataset.captions import tag_frequency
+from library.dataset.captions import CaptionOptions, process_caption, tag_frequency
 from library.dataset.folders import Subset, discover_subsets
 from library.dataset.images import image_size, load_pixels
 from library.errors import UserError
@@ -119,8 +119,9 @@ class TrainDataset:
     """Batches of one epoch. `dataset[i]` is batch i: a dict of images or latents, captions, is_reg."""
 
     def __init__(self, subsets: list[Subset], records: list[ImageRecord], settings: BucketSettings,
-                 batch_size: int, seed: int):
+                 batch_size: int, seed: int, caption_options: CaptionOptions = CaptionOptions()):
         self.subsets = subsets
+        self.caption_options = caption_options
         self.records = records
         self.settings = settings
         self.batch_size = batch_size
@@ -151,10 +152,15 @@ class TrainDataset:
         return {
             "images": images,
             "latents": latents,
-            "captions": [r.caption for r in members],
+            "captions": [self._caption(r, index, position) for position, r in enumerate(members)],
             "is_reg": torch.tensor([r.is_reg for r in members], dtype=torch.bool),
             "image_paths": [r.path for r in members],
         }
+
+    def _caption(self, record: ImageRecord, index: int, position: int) -> str:
+        """The record's caption for this occurrence: its own random draw, the same in any process."""
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}:{position}")
+        return process_caption(record.caption, self.caption_options, self.epoch, rng)
 
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 1) -> None:
         """Encode every unique image once and keep the latents in memory (see library.caching)."""
@@ -234,7 +240,7 @@ def build_dataset(cfg) -> TrainDataset:
         settings.place(record, predefined)
     batch_size = int(getattr(cfg, "train_batch_size", 1) or 1)
     seed = getattr(cfg, "seed", None) or 0
-    dataset = TrainDataset(subsets, records, settings, batch_size, seed)
+    dataset = TrainDataset(subsets, records, settings, batch_size, seed, CaptionOptions.from_cfg(cfg))
     _log_summary(dataset)
     return dataset
 
