@@ -1,27 +1,55 @@
 """Latent caching: encode each unique training image once, before training, and reuse the latents.
 
-A cache is any object with `get(key) -> Tensor | None` and `put(key, latents)`. `MemoryLatentCache`
-keeps them in RAM for one run; a disk cache (kohya's `.npz` next to each image) fits the same two
-methods. Images are encoded in batches of one bucket size, so every batch stacks.
+A cache has `missing(records)` (the records it cannot serve), `put(record, latents)` and
+`get(path) -> Tensor` (what dataset items read). `MemoryLatentCache` keeps latents in RAM for one run;
+`DiskLatentCache` keeps them in kohya's `.npz` files next to the images, so they outlive the run and are
+shared with kohya sd-scripts in both directions. Images are encoded in batches of one bucket size.
+
+kohya's SD/SDXL disk format (library/strategy_sd.py, v0.9+): `<stem>_<W:04d>x<H:04d>_sd.npz` (W x H the
+original image size; `<stem>.npz` from older versions is used instead when it exists), holding per
+latent size h x w (= bucket / 8) the keys `latents_<h>x<w>` (float32 (4, h, w), the raw VAE sample,
+not yet times the scaling factor), `original_size_<h>x<w>` ([W, H]) and `crop_ltrb_<h>x<w>`. kohya reads
+no other keys and keeps unknown ones when it adds a resolution, so sdtune stores next to them
+`sdtune_fingerprint_<h>x<w>`: a JSON record of everything that produced the latents. A cache whose
+fingerprint differs from the current run is stale and rebuilt, never used.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from library.dataset.buckets import center_crop_offsets
 from library.dataset.images import load_pixels
+from library.errors import UserError
+from library.saving import atomic_write_npz
 
 logger = logging.getLogger(__name__)
 
+SD_SUFFIX = "_sd.npz"  # kohya's SD 1.x / 2.x cache; SDXL uses "_sdxl.npz"
+OLD_SUFFIX = ".npz"
+LATENT_STRIDE = 8
+FINGERPRINT_VERSION = 1
+# Anything that goes wrong while reading an npz means it is no usable cache (truncated zip, bad header, ...).
+_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
 
 class LatentCache(Protocol):
-    def get(self, key: str) -> torch.Tensor | None: ...
+    def missing(self, records: list) -> list: ...
 
-    def put(self, key: str, latents: torch.Tensor) -> None: ...
+    def put(self, record, latents: torch.Tensor) -> None: ...
+
+    def get(self, key: str) -> torch.Tensor | None: ...
 
 
 class MemoryLatentCache:
@@ -30,14 +58,264 @@ class MemoryLatentCache:
     def __init__(self) -> None:
         self._latents: dict[str, torch.Tensor] = {}
 
+    def missing(self, records: list) -> list:
+        return [r for r in records if r.path not in self._latents]
+
     def get(self, key: str) -> torch.Tensor | None:
         return self._latents.get(key)
 
-    def put(self, key: str, latents: torch.Tensor) -> None:
-        self._latents[key] = latents
+    def put(self, record, latents: torch.Tensor) -> None:
+        self._latents[record.path] = latents
 
     def __len__(self) -> int:
         return len(self._latents)
+
+
+# --- kohya's names and values ---------------------------------------------------------------------
+
+def npz_path(image_path: str, original_size: tuple[int, int], suffix: str = SD_SUFFIX) -> str:
+    """kohya's cache file of an image: the old `<stem>.npz` when it exists, else `<stem>_WWWWxHHHH_sd.npz`."""
+    stem = os.path.splitext(image_path)[0]
+    if os.path.exists(stem + OLD_SUFFIX):
+        return stem + OLD_SUFFIX
+    return f"{stem}_{original_size[0]:04d}x{original_size[1]:04d}{suffix}"
+
+
+def key_suffix(bucket: tuple[int, int]) -> str:
+    """The per-resolution key suffix: latent height x width, e.g. bucket (64, 96) -> "_12x8"."""
+    return f"_{bucket[1] // LATENT_STRIDE}x{bucket[0] // LATENT_STRIDE}"
+
+
+def kohya_crop_ltrb(bucket: tuple[int, int], original_size: tuple[int, int]) -> tuple[float, ...]:
+    """kohya's crop_ltrb value (BucketManager.get_crop_ltrb): the image's box inside the bucket when it is
+    fitted rather than covered; SDXL conditions on it. Kept bit-for-bit, floats included."""
+    bucket_ar, image_ar = bucket[0] / bucket[1], original_size[0] / original_size[1]
+    if bucket_ar > image_ar:
+        width, height = bucket[1] * image_ar, bucket[1]
+    else:
+        width, height = bucket[0], bucket[0] / image_ar
+    left, top = (bucket[0] - width) // 2, (bucket[1] - height) // 2
+    return (left, top, left + width, top + height)
+
+
+# --- fingerprints ---------------------------------------------------------------------------------
+
+def vae_fingerprint(vae, max_tensors: int = 8, max_elements: int = 1 << 20) -> str:
+    """Identity of a VAE as an encoder: its config, dtype and a sample of its weights (hashed in full up to
+    `max_elements` each), so a fine-tuned VAE with the same config is told apart in milliseconds."""
+    digest = hashlib.sha256()
+    config = {k: v for k, v in dict(getattr(vae, "config", {})).items() if not k.startswith("_")}  # not paths/versions
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    state = vae.state_dict()
+    names = sorted(state)
+    step = max(1, len(names) // max_tensors)
+    for name in names[::step][:max_tensors]:
+        tensor = state[name].detach().reshape(-1)[:max_elements].to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(state[name].shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stat(path: str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns
+
+
+def producer(record, vae_id: str, flip: bool = False) -> dict:
+    """What decides a record's latents besides the image bytes: pixel geometry, flip and the encoder."""
+    return {
+        "version": FINGERPRINT_VERSION,
+        "bucket": list(record.bucket),
+        "resized": list(record.resized),
+        "crop": list(center_crop_offsets(record.resized, record.bucket)),
+        "flip": flip,
+        "vae": vae_id,
+    }
+
+
+def _array_sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+# --- the disk cache -------------------------------------------------------------------------------
+
+FINGERPRINT_KEY = "sdtune_fingerprint"
+REUSED = ("valid", "foreign", "trusted")
+
+
+@dataclass
+class _Entry:
+    """Where one image's latents live and what must have produced them."""
+
+    npz: str
+    suffix: str
+    producer: dict
+    image_stat: tuple[int, int]  # (bytes, mtime_ns) when the run started
+
+
+@dataclass
+class DiskLatentCache:
+    """kohya's `.npz` files next to the images (see the module doc).
+
+    Latents are read from disk when a batch needs them, as kohya does, so a large dataset need not fit
+    in RAM. `skip_check` is kohya's --skip_cache_check: an existing file is trusted without opening it.
+    `scale` is the VAE scaling factor: files hold kohya's raw latents, `get` returns scaled ones.
+    """
+
+    vae_id: str
+    scale: float
+    skip_check: bool = False
+    suffix: str = SD_SUFFIX
+    counts: dict = field(default_factory=dict, init=False)
+    _entries: dict = field(default_factory=dict, init=False, repr=False)
+
+    def missing(self, records: list) -> list:
+        """Check every record's file; returns the records whose latents must be (re-)encoded."""
+        self.counts = dict.fromkeys(REUSED + ("missing", "stale", "unreadable"), 0)
+        todo = []
+        for record in tqdm(records, desc="checking latent cache files", smoothing=1):
+            entry = _Entry(npz_path(record.path, record.size, self.suffix), key_suffix(record.bucket),
+                           producer(record, self.vae_id), _stat(record.path))
+            self._entries[record.path] = entry
+            state = self._state(record, entry)
+            self.counts[state] += 1
+            if state not in REUSED:
+                todo.append(record)
+        self._log_counts()
+        return todo
+
+    def _state(self, record, entry: _Entry) -> str:
+        if not os.path.exists(entry.npz):
+            return "missing"
+        if self.skip_check:
+            return "trusted"
+        try:
+            with np.load(entry.npz) as npz:
+                return self._judge(record, entry, npz)
+        except _READ_ERRORS as exc:  # an interrupted write by another tool: rebuilding is the only fix
+            logger.warning("latent cache %s cannot be read (%s): rebuilding it", entry.npz, exc)
+            return "unreadable"
+
+    def _judge(self, record, entry: _Entry, npz) -> str:
+        """valid / foreign (kohya's, no fingerprint, plausible) / stale / missing (other sizes only)."""
+        s = entry.suffix
+        if "latents" + s not in npz.files:
+            return "missing"
+        latents = npz["latents" + s]
+        if latents.ndim != 3 or latents.shape[1:] != _latent_hw(record.bucket):
+            return "stale"
+        if FINGERPRINT_KEY + s not in npz.files:
+            return self._judge_foreign(record, entry, npz)
+        fingerprint = json.loads(str(npz[FINGERPRINT_KEY + s]))
+        if fingerprint.get("producer") != entry.producer or fingerprint.get("latents_sha256") != _array_sha256(latents):
+            return "stale"  # another encoder, geometry, or latents rewritten by a tool that kept our key
+        return "valid" if _same_image(record.path, entry.image_stat, fingerprint.get("image", {})) else "stale"
+
+    def _judge_foreign(self, record, entry: _Entry, npz) -> str:
+        """A cache without our fingerprint (kohya wrote it): kohya's own test (the latent size fits the
+        bucket) plus what can be checked without the encoder: the original size, and that the image has
+        not changed since the file was written."""
+        size_key = "original_size" + entry.suffix
+        if size_key not in npz.files or tuple(npz[size_key].tolist()) != tuple(record.size):
+            return "stale"
+        return "foreign" if os.stat(entry.npz).st_mtime_ns >= entry.image_stat[1] else "stale"
+
+    def _log_counts(self) -> None:
+        c = self.counts
+        logger.info("latent cache files: %d valid, %d missing, %d stale, %d unreadable, %d trusted unchecked",
+                    c["valid"] + c["foreign"], c["missing"], c["stale"], c["unreadable"], c["trusted"])
+        if c["foreign"]:
+            logger.warning("reusing %d latent cache files written without an sdtune fingerprint (by kohya?): "
+                           "their VAE cannot be checked; delete them if the VAE changed", c["foreign"])
+
+    def put(self, record, latents: torch.Tensor) -> None:
+        """Write the record's latents with kohya's keys and our fingerprint, keeping other sizes' keys."""
+        entry = self._entries[record.path]
+        s = entry.suffix
+        raw = (latents.detach().to("cpu", torch.float32) / self.scale).numpy()
+        arrays = _kept_arrays(entry)
+        arrays["latents" + s] = raw
+        arrays["original_size" + s] = np.array(record.size)
+        arrays["crop_ltrb" + s] = np.array(kohya_crop_ltrb(record.bucket, record.size))
+        image = {"bytes": entry.image_stat[0], "mtime_ns": entry.image_stat[1], "sha256": file_sha256(record.path)}
+        fingerprint = {"producer": entry.producer, "image": image, "latents_sha256": _array_sha256(raw)}
+        arrays[FINGERPRINT_KEY + s] = np.array(json.dumps(fingerprint, sort_keys=True))
+        try:
+            atomic_write_npz(entry.npz, arrays)
+        except OSError as exc:
+            raise UserError(f"cannot write latent cache {entry.npz}: {exc.strerror or exc}; make the folder "
+                            "writable or use --cache_latents without --cache_latents_to_disk") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        s = entry.suffix
+        try:
+            with np.load(entry.npz) as npz:
+                raw = npz["latents" + s]
+        except _READ_ERRORS as exc:
+            raise UserError(f"latent cache {entry.npz} has no readable latents{s} ({type(exc).__name__}): delete "
+                            "it or run without --skip_cache_check to rebuild it") from None
+        if raw.ndim != 3 or raw.shape[1:] != _latent_hw(entry.producer["bucket"]):
+            raise UserError(f"latent cache {entry.npz} holds latents of shape {raw.shape}, not the bucket's: "
+                            "delete it or run without --skip_cache_check to rebuild it")
+        return torch.from_numpy(raw).float() * self.scale
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _latent_hw(bucket) -> tuple[int, int]:
+    return (bucket[1] // LATENT_STRIDE, bucket[0] // LATENT_STRIDE)
+
+
+def _same_image(path: str, stat: tuple[int, int], recorded: dict) -> bool:
+    """Same bytes as when the latents were written: size, then mtime, and only if that moved the content
+    hash, so a copy or a `touch` does not cost a re-encode."""
+    if recorded.get("bytes") != stat[0]:
+        return False
+    return recorded.get("mtime_ns") == stat[1] or recorded.get("sha256") == file_sha256(path)
+
+
+def _kept_arrays(entry: _Entry) -> dict:
+    """The file's arrays for other latent sizes (kohya keeps them too); none from an unreadable file."""
+    if not os.path.exists(entry.npz):
+        return {}
+    try:
+        with np.load(entry.npz) as npz:
+            return {k: npz[k] for k in npz.files if not k.endswith(entry.suffix)}
+    except _READ_ERRORS:
+        return {}
+
+
+# --- filling a cache ------------------------------------------------------------------------------
+
+def resolve_cache_options(cfg) -> None:
+    """kohya's rules: --cache_latents_to_disk turns on --cache_latents (so ss_cache_latents says so too);
+    augmentations that change the pixels every epoch cannot use latents encoded once."""
+    if getattr(cfg, "cache_latents_to_disk", False):
+        cfg.cache_latents = True
+    if not getattr(cfg, "cache_latents", False):
+        return
+    for name in ("color_aug", "random_crop"):
+        if getattr(cfg, name, False):
+            raise UserError(f"--{name} changes the pixels every epoch, so it cannot be used with --cache_latents "
+                            f"or --cache_latents_to_disk: turn off one of them")
+
+
+def make_latent_cache(cfg, vae) -> LatentCache:
+    """The cache the options ask for: kohya's npz files with --cache_latents_to_disk, else memory."""
+    if not getattr(cfg, "cache_latents_to_disk", False):
+        return MemoryLatentCache()
+    return DiskLatentCache(vae_fingerprint(vae), float(vae.config.scaling_factor),
+                           bool(getattr(cfg, "skip_cache_check", False)))
 
 
 def plan_cache_batches(records: list, batch_size: int) -> list[list]:
@@ -64,17 +342,17 @@ def encode_batch(records: list, encode: Callable[[torch.Tensor], torch.Tensor]) 
 
 def cache_latents(dataset, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 1,
                   cache: LatentCache | None = None) -> LatentCache:
-    """Encode every image of `dataset` not yet in `cache` (once, not once per repeat); attach the cache.
+    """Encode every image of `dataset` that `cache` cannot serve (once, not once per repeat); attach the cache.
 
     `encode` takes pixels (B, 3, H, W) in [-1, 1] and returns scaled latents (the model family's
     encode_images). After this, dataset items carry latents and no image is decoded again.
     """
     cache = cache if cache is not None else MemoryLatentCache()
-    todo = [r for r in dataset.records if cache.get(r.path) is None]
+    todo = cache.missing(dataset.records)
     batches = plan_cache_batches(todo, max(1, int(batch_size)))
     logger.info("caching latents of %d images in %d batches", len(todo), len(batches))
     for batch in tqdm(batches, desc="caching latents", smoothing=1):
         for record, latents in zip(batch, encode_batch(batch, encode)):
-            cache.put(record.path, latents.clone())  # clone: do not keep the whole batch's storage alive
+            cache.put(record, latents.clone())  # clone: do not keep the whole batch's storage alive
     dataset.latent_cache = cache
     return cache

@@ -30,3 +30,19 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     """Per-sample mean squared error, computed in fp32 whatever the model's dtype: shape (B,)."""
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
     return loss.mean(dim=list(range(1, loss.ndim)))
+
+
+def prior_loss_weights(is_reg: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """Per-sample loss weights: 1 for a training image, `prior_loss_weight` for a regularisation image.
+
+    DreamBooth's prior-preservation term (Ruiz et al., 2022), as kohya applies it: each sample's loss
+    is multiplied by its weight and the batch mean is taken over samples, not divided by the sum of
+    the weights, so a batch of only reg images at weight 0.5 has half the loss.
+    """
+    ones = torch.ones(is_reg.shape, dtype=torch.float32, device=is_reg.device)
+    return torch.where(is_reg.bool(), ones * prior_loss_weight, ones)
+
+
+def weighted_mean(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The batch loss: mean over samples of per-sample loss x weight (shapes (B,))."""
+    return (per_sample * weights.to(per_sample.device)).mean()

@@ -117,12 +117,13 @@ DATASET = _group("dataset", [
     _flag("flip_aug", "horizontal flip augmentation"),
     _opt("face_crop_aug_range", str, None, "face-centred crop augmentation range, e.g. 2.0,4.0"),
     _flag("random_crop", "random crop instead of centre crop"),
-    _flag("debug_dataset", "show the dataset instead of training"),
+    _flag("debug_dataset", "list the first batches' samples and captions instead of training", supported=S),
     _opt("resolution", str, None, "training resolution: SIZE or WIDTH,HEIGHT", supported=S),
     _flag("cache_latents", "encode every image once and keep the latents in memory", supported=S),
     _opt("vae_batch_size", int, 1, "batch size when caching latents", supported=S),
-    _flag("cache_latents_to_disk", "cache latents in files next to the images"),
-    _flag("skip_cache_check", "trust existing cache files without checking their contents"),
+    _flag("cache_latents_to_disk", "cache latents in kohya's .npz files next to the images (implies --cache_latents)",
+          supported=S),
+    _flag("skip_cache_check", "trust existing cache files without checking their contents", supported=S),
     _flag("enable_bucket", "aspect-ratio buckets", supported=S),
     _opt("min_bucket_reso", int, 256, "smallest bucket side", supported=S),
     _opt("max_bucket_reso", int, 1024, "largest bucket side", supported=S),
@@ -137,7 +138,7 @@ DATASET = _group("dataset", [
     _opt("caption_dropout_rate", float, 0.0, "probability of dropping a whole caption", supported=S),
     _opt("caption_dropout_every_n_epochs", int, 0, "drop every caption every N epochs", supported=S),
     _opt("caption_tag_dropout_rate", float, 0.0, "probability of dropping each caption tag", supported=S),
-    _opt("reg_data_dir", str, None, "folder of regularization images"),
+    _opt("reg_data_dir", str, None, "folder of regularization images", supported=S),
     _opt("in_json", str, None, "metadata JSON for fine-tuning style datasets"),
     _opt("dataset_repeats", int, 1, "repeats of a metadata-JSON dataset"),
 ])
@@ -232,7 +233,7 @@ TRAINING = _group("training", [
     _opt("config_file", str, None, "read options from this TOML file (.toml may be left off)", supported=S),
     # kohya: a flag that writes to --config_file's path; sdtune also takes a PATH (see library/config.py)
     _opt("output_config", str, None, "write the resolved options to this TOML file and exit", supported=S),
-    # inert: read only for regularization images (--reg_data_dir / --dataset_config), refused
+    # weights only regularization images (--reg_data_dir, or is_reg subsets of --dataset_config)
     _opt("prior_loss_weight", float, 1.0, "loss weight of regularization images", supported=S),
 ])
 
@@ -287,7 +288,7 @@ CUSTOM_TRAIN = _group("custom_train", [
     _flag("scale_v_pred_loss_like_noise_pred", "scale v-prediction loss like noise-prediction loss"),
     _opt("v_pred_like_loss", float, None, "add a v-prediction-like loss times this"),
     _flag("debiased_estimation_loss", "debiased estimation loss weighting"),
-    _flag("weighted_captions", "read (word:1.2) attention weights in captions"),
+    _flag("weighted_captions", "read (word:1.2) attention weights in captions", supported=S),
 ])
 
 NETWORK = _group("train_network", [

@@ -81,6 +81,17 @@ def atomic_write_text(path: str, text: str) -> None:
     _atomic_write(path, write)
 
 
+def atomic_write_npz(path: str, arrays: Mapping[str, "numpy.ndarray"]) -> None:
+    """Write `arrays` as an uncompressed .npz (numpy.savez) to `path` atomically."""
+    import numpy
+
+    def write(tmp_path: str) -> None:
+        with open(tmp_path, "wb") as handle:  # a handle: given a name, savez would append ".npz"
+            numpy.savez(handle, **arrays)
+
+    _atomic_write(path, write)
+
+
 def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
     """safetensors metadata is str -> str; anything else is a programming error, caught before writing."""
     if metadata is None:

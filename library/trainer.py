@@ -11,9 +11,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from library import losses, optim
+from library import caching, losses, optim
 from library.config import parse_args, write_output_config
 from library.dataset import build_dataset, make_loader
+from library.dataset.report import build_report, schedule_length
 from library.errors import UserError
 from library.methods import METHODS
 from library.models import load_model
@@ -25,11 +26,17 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 def run(argv, script: str, method: str) -> int:
-    """Parse the options of `script`, then either write them (--output_config) or train."""
+    """Parse the options of `script`, then write them (--output_config), show the dataset
+    (--debug_dataset: no model is loaded, nothing is written) or train."""
     cfg = parse_args(argv, script)
     if cfg.output_config:
         write_output_config(cfg, cfg.output_config)
         logger.info("wrote %s", cfg.output_config)
+        return 0
+    if cfg.debug_dataset:
+        from library.dataset.report import debug_dataset
+
+        print(debug_dataset(build_dataset(cfg)), end="")
         return 0
     train(cfg, METHODS[method])
     return 0
@@ -51,6 +58,7 @@ class Run:
         from accelerate.utils import set_seed
 
         check_required(cfg)
+        caching.resolve_cache_options(cfg)
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise UserError("--mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
         if cfg.seed is None:
@@ -101,15 +109,8 @@ class Run:
                 model.to(dtype=self.weight_dtype)
 
     def _schedule_length(self) -> tuple[int, int]:
-        """kohya's rule: --max_train_epochs wins over --max_train_steps; epochs cover the steps."""
-        cfg = self.cfg
-        if cfg.max_train_epochs:
-            max_steps = cfg.max_train_epochs * self.steps_per_epoch
-        else:
-            max_steps = cfg.max_train_steps
-        if max_steps <= 0:
-            raise UserError("--max_train_steps must be positive")
-        return max_steps, math.ceil(max_steps / self.steps_per_epoch)
+        """kohya's rule (library.dataset.report.schedule_length, which the report shows too)."""
+        return schedule_length(self.steps_per_epoch, self.cfg.max_train_steps, self.cfg.max_train_epochs)
 
     def _logging_dir(self) -> str | None:
         cfg = self.cfg
@@ -125,8 +126,9 @@ class Run:
         """Encode every image once; the VAE is then no longer needed and leaves memory."""
         device = self.accelerator.device
         vae = self.family.vae.to(device)
+        cache = caching.make_latent_cache(self.cfg, vae)
         with torch.no_grad():
-            self.dataset.cache_latents(self.family.encode_images, self.cfg.vae_batch_size or 1)
+            self.dataset.cache_latents(self.family.encode_images, self.cfg.vae_batch_size or 1, cache)
         vae.to("cpu")
         self.family.vae = None  # nothing else holds it during a network run
         del vae
@@ -165,7 +167,7 @@ class Run:
         latents = latents.to(acc.device, dtype=torch.float32)
         grad_text = self.method.train_text_encoder
         with torch.set_grad_enabled(grad_text), acc.autocast():
-            text_embeds = fam.encode_text(fam.tokenize(batch["captions"]).to(acc.device))
+            text_embeds = fam.encode_captions(batch["captions"])
         noise = losses.sample_noise(latents)
         timesteps = losses.sample_timesteps(latents.shape[0], fam.noise_scheduler.config.num_train_timesteps,
                                             latents.device)
@@ -173,7 +175,8 @@ class Run:
         with acc.autocast():
             prediction = fam.predict(noisy.to(self.weight_dtype), timesteps, text_embeds)
         target = losses.training_target(fam.noise_scheduler, latents, noise, timesteps, fam.v_prediction)
-        return losses.diffusion_loss(prediction, target).mean()
+        weights = losses.prior_loss_weights(batch["is_reg"], self.cfg.prior_loss_weight)
+        return losses.weighted_mean(losses.diffusion_loss(prediction, target), weights)
 
     def train(self) -> list[float]:
         """Run all steps; returns the per-step losses (tests read them)."""
@@ -181,6 +184,7 @@ class Run:
 
         cfg, acc = self.cfg, self.accelerator
         self.prepare()
+        self._report_dataset()
         if self.logging_dir:
             acc.init_trackers(cfg.log_tracker_name or "network_train")
         self.metadata = build_training_metadata(
@@ -243,6 +247,14 @@ class Run:
             if len(step_losses) >= self.max_steps:
                 break
         return epoch_losses
+
+    def _report_dataset(self) -> None:
+        """The pre-flight report: logged, and written next to the outputs (dataset_report.txt / .json)."""
+        if not self.accelerator.is_main_process:
+            return
+        report = build_report(self.dataset, self.cfg, self.family.count_tokens)
+        logger.info("dataset report:\n%s", report.text())
+        report.write(self.cfg.output_dir)
 
     def _log_speed(self) -> None:
         """One line of speed figures (bench/ reads it): the first step pays for warm-up, so it is apart."""

@@ -140,7 +140,7 @@ def test_help_still_works(capsys):
     out = capsys.readouterr().out
     assert info.value.code == 0
     assert "--network_dim INT" in out and "--flip_aug [true|false]" in out
-    assert "[supported: AdamW, AdamW8bit]" in out and out.count("[not supported yet]") > 50
+    assert "[supported: AdamW, AdamW8bit]" in out and out.count("[not supported yet]") > 20
 
 
 @pytest.mark.parametrize("typo, expected", [

@@ -34,7 +34,10 @@ def test_folder_model_trains_and_saves_kohya_file(tiny_model_dir, demo_data, tmp
     assert train_network.main(argv) == 0
     names = sorted(os.listdir(out))
     assert "lora.safetensors" in names
-    assert names == ["lora-000001.safetensors", "lora.safetensors"]  # kohya: no epoch file for the last epoch
+    # kohya: no epoch file for the last epoch; the pre-flight report sits next to the outputs
+    assert names == ["dataset_report.json", "dataset_report.txt", "lora-000001.safetensors", "lora.safetensors"]
+    report = json.loads((out / "dataset_report.json").read_text())
+    assert report["steps_per_epoch"] == 12 and report["total_steps"] == 24 and report["dropped_samples"] == 0
     sd = load_file(out / "lora.safetensors")
     assert sd and all(k.startswith(("lora_unet_", "lora_te_")) for k in sd)
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in sd)
@@ -268,7 +271,8 @@ def test_text_options_and_8bit_optimizer_reach_metadata(tiny_model_dir, demo_dat
     _train(tiny_model_dir, demo_data, tmp_path, "--clip_skip", "2", "--max_token_length", "150",
            "--optimizer_type", "AdamW8bit", "--network_dropout", "0.1", "--max_grad_norm", "0.5",
            "--metadata_title", "My LoRA", "--metadata_author", "me", "--metadata_trigger_phrase", "sks shape",
-           "--shuffle_caption", "--keep_tokens", "1", "--caption_dropout_rate", "0.1", "--enable_wildcard")
+           "--shuffle_caption", "--keep_tokens", "1", "--caption_dropout_rate", "0.1", "--enable_wildcard",
+           "--weighted_captions")
     meta = _metadata(str(tmp_path / "lora.safetensors"))
     assert meta["modelspec.title"] == "My LoRA" and meta["modelspec.author"] == "me"
     assert meta["modelspec.trigger_phrase"] == "sks shape" and meta["modelspec.encoder_layer"] == "2"
@@ -326,4 +330,5 @@ def test_corrupt_image_mid_run_is_one_line(workers, tiny_model_dir, demo_data, t
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.replace("\r", "\n").strip().splitlines()[-1] == f"error: cannot decode image {image}: image file is truncated"
-    assert files_under(out) == []
+    # found mid-run: only the pre-flight report was written, no model file
+    assert [os.path.basename(f) for f in files_under(out)] == ["dataset_report.json", "dataset_report.txt"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -115,6 +115,42 @@ def plan_batches(records: list[ImageRecord], batch_size: int, rng: random.Random
     return batches
 
 
+def balance_reg_records(num_train_images: int, reg: list[ImageRecord]) -> list[ImageRecord]:
+    """The regularisation images of one epoch, with repeats set so they match the train images (kohya).
+
+    kohya's DreamBooth dataset sees as many reg images per epoch as train images (repeats included):
+    reg images are taken in folder order with their own repeats until that count is reached, so the
+    ones after it are not used at all; when all of them fall short, each gets one more repeat in turn
+    until the count is reached exactly. Returns copies; `reg` is left as it was.
+    """
+    used: list[ImageRecord] = []
+    total = 0
+    for record in reg:
+        if total >= num_train_images:
+            break
+        used.append(replace(record))
+        total += record.num_repeats
+    if used and total < num_train_images:
+        rounds, rest = divmod(num_train_images - total, len(used))
+        for position, record in enumerate(used):
+            record.num_repeats += rounds + (1 if position < rest else 0)
+    return used
+
+
+def _split_reg(records: list[ImageRecord]) -> list[ImageRecord]:
+    """Train records first, then the balanced reg records (see balance_reg_records)."""
+    train = [r for r in records if not r.is_reg]
+    reg = [r for r in records if r.is_reg]
+    num_train_images = sum(r.num_repeats for r in train)
+    num_reg_images = sum(r.num_repeats for r in reg)
+    if not reg:
+        return train
+    if num_train_images < num_reg_images:
+        logger.warning("%d regularization images (repeats included) for %d train images: "
+                       "some regularization images are not used", num_reg_images, num_train_images)
+    return train + balance_reg_records(num_train_images, reg)
+
+
 class TrainDataset:
     """Batches of one epoch. `dataset[i]` is batch i: a dict of images or latents, captions, is_reg."""
 
@@ -162,11 +198,12 @@ class TrainDataset:
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}:{position}")
         return process_caption(record.caption, self.caption_options, self.epoch, rng)
 
-    def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 1) -> None:
-        """Encode every unique image once and keep the latents in memory (see library.caching)."""
+    def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 1,
+                      cache=None) -> None:
+        """Encode every unique image once into `cache` (memory when None; see library.caching)."""
         from library.caching import cache_latents
 
-        cache_latents(self, encode, batch_size)
+        cache_latents(self, encode, batch_size, cache)
 
     def verify_bucket_reso_steps(self, min_steps: int) -> None:
         """The model family needs bucket sides divisible by `min_steps` (kohya: 64 for SD1/2, 32 for SDXL)."""
@@ -229,12 +266,15 @@ def build_dataset(cfg) -> TrainDataset:
     settings = BucketSettings.from_cfg(cfg)
     if not getattr(cfg, "train_data_dir", None):
         raise UserError("--train_data_dir is required: a folder holding <repeats>_<concept> sub-folders of images")
-    subsets = discover_subsets(cfg.train_data_dir, getattr(cfg, "caption_extension", ".caption") or ".caption")
-    records = [
+    extension = getattr(cfg, "caption_extension", ".caption") or ".caption"
+    subsets = discover_subsets(cfg.train_data_dir, extension)
+    if getattr(cfg, "reg_data_dir", None):  # "" is off, as GUI-written files hold it
+        subsets += discover_subsets(cfg.reg_data_dir, extension, is_reg=True)
+    records = _split_reg([
         ImageRecord(path, caption, subset.num_repeats, subset.is_reg, image_size(path))
         for subset in subsets
         for path, caption in zip(subset.image_paths, subset.captions)
-    ]
+    ])
     predefined = settings.predefined()
     for record in records:
         settings.place(record, predefined)
@@ -314,6 +354,9 @@ def _log_summary(dataset: TrainDataset) -> None:
     info = dataset.info
     logger.info("%d images in %d folders, %d with repeats; %d batches of up to %d per epoch",
                 len(dataset.records), len(dataset.subsets), info["num_train_images"], len(dataset), dataset.batch_size)
+    if info["reg_dataset_dirs"]:
+        used = sum(r.num_repeats for r in dataset.records if r.is_reg)
+        logger.info("%d regularization images with repeats, %d of them seen per epoch", info["num_reg_images"], used)
     if info["bucket_info"] is not None:
         for i, bucket in info["bucket_info"]["buckets"].items():
             logger.info("bucket %d: resolution %s, count %d", i, tuple(bucket["resolution"]), bucket["count"])

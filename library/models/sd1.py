@@ -18,6 +18,7 @@ import torch
 
 from library.errors import UserError
 from library.models import files
+from library.prompt_weights import apply_token_weights, weighted_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class SD1Family:
     pad_token = "<|endoftext|>"
 
     def __init__(self, unet, vae, text_encoder, tokenizer, *, model_path: str, vae_path: str | None = None,
-                 v_prediction: bool = False, max_token_length: int | None = None, clip_skip: int | None = None):
+                 v_prediction: bool = False, max_token_length: int | None = None, clip_skip: int | None = None,
+                 weighted_captions: bool = False):
         if max_token_length not in MAX_TOKEN_LENGTHS:
             raise UserError(f"--max_token_length must be 75, 150 or 225, not {max_token_length}")
         layers = text_encoder.config.num_hidden_layers
@@ -91,6 +93,7 @@ class SD1Family:
         self.v_prediction = v_prediction
         self.max_token_length = None if max_token_length == 75 else max_token_length
         self.clip_skip = clip_skip
+        self.weighted_captions = weighted_captions
 
     @property
     def bucket_divisor(self) -> int:
@@ -125,6 +128,7 @@ class SD1Family:
             unet, vae, text_encoder, tokenizer, model_path=cfg.pretrained_model_name_or_path, vae_path=vae_path,
             v_prediction=bool(getattr(cfg, "v_parameterization", False)),
             max_token_length=getattr(cfg, "max_token_length", None), clip_skip=getattr(cfg, "clip_skip", None),
+            weighted_captions=bool(getattr(cfg, "weighted_captions", False)),
         )
 
     @staticmethod
@@ -192,8 +196,38 @@ class SD1Family:
             return ids
         return chunk_input_ids(ids, tok.eos_token_id, tok.pad_token_id, length)
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, 77 * k) ids -> (B, 77 or max_token_length + 2, D) conditioning, honouring --clip_skip."""
+    def count_tokens(self, caption: str) -> int:
+        """Tokens of a caption without BOS / EOS (what counts against --max_token_length)."""
+        if self.weighted_captions:
+            return len(weighted_token_ids(self.tokenizers[0], caption, 10**6)[0])
+        return len(self.tokenizers[0](caption, add_special_tokens=False).input_ids)
+
+    def tokenize_weighted(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`tokenize` for --weighted_captions: the same ids layout, and (B, 77 or max_token_length + 2)
+        weights for the positions of the merged encoder states (BOS, EOS and padding weigh 1)."""
+        tok = self.tokenizers[0]
+        length = self.max_token_length or CHUNK
+        rows, weight_rows = [], []
+        for caption in captions:
+            ids, weights = weighted_token_ids(tok, caption, length)
+            padding = length - len(ids)
+            rows.append([tok.bos_token_id, *ids, tok.eos_token_id] + [tok.pad_token_id] * padding)
+            weight_rows.append([1.0, *weights, 1.0] + [1.0] * padding)
+        flat = torch.tensor(rows, dtype=torch.long)
+        if self.max_token_length is not None:
+            flat = chunk_input_ids(flat, tok.eos_token_id, tok.pad_token_id, length)
+        return flat, torch.tensor(weight_rows)
+
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> conditioning: tokenize and encode, with --weighted_captions when it is on."""
+        if not self.weighted_captions:
+            return self.encode_text(self.tokenize(captions))
+        ids, weights = self.tokenize_weighted(captions)
+        return self.encode_text(ids, weights)
+
+    def encode_text(self, input_ids: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 77 * k) ids -> (B, 77 or max_token_length + 2, D) conditioning, honouring --clip_skip;
+        `weights` (B, same length) scale the states as --weighted_captions asks."""
         encoder = self.text_encoders[0]
         bare = getattr(encoder, "module", encoder)  # accelerate/DDP wrapping
         device = next(bare.parameters()).device
@@ -208,6 +242,8 @@ class SD1Family:
         states = states.reshape(batch, -1, states.shape[-1])
         if self.max_token_length is not None:
             states = merge_chunk_states(states, self.max_token_length)
+        if weights is not None:
+            states = apply_token_weights(states, weights.to(states.device))
         return states
 
     @torch.no_grad()
