@@ -8,7 +8,8 @@ shared with kohya sd-scripts in both directions. Images are encoded in batches o
 kohya's SD/SDXL disk format (library/strategy_sd.py, v0.9+): `<stem>_<W:04d>x<H:04d>_sd.npz` (W x H the
 original image size; `<stem>.npz` from older versions is used instead when it exists), holding per
 latent size h x w (= bucket / 8) the keys `latents_<h>x<w>` (float32 (4, h, w), the raw VAE sample,
-not yet times the scaling factor), `original_size_<h>x<w>` ([W, H]) and `crop_ltrb_<h>x<w>`. kohya reads
+not yet times the scaling factor), `original_size_<h>x<w>` ([W, H]), `crop_ltrb_<h>x<w>` and, with
+--flip_aug, `latents_flipped_<h>x<w>` (the encoding of the mirrored image). kohya reads
 no other keys and keeps unknown ones when it adds a resolution, so sdtune stores next to them
 `sdtune_fingerprint_<h>x<w>`: a JSON record of everything that produced the latents. A cache whose
 fingerprint differs from the current run is stale and rebuilt, never used.
@@ -30,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from library.dataset.buckets import center_crop_offsets
-from library.dataset.images import load_pixels
+from library.dataset.images import PLAIN, Augmentation, load_pixels
 from library.errors import UserError
 from library.saving import atomic_write_npz
 
@@ -45,27 +46,30 @@ _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zli
 
 
 class LatentCache(Protocol):
-    def missing(self, records: list) -> list: ...
+    def missing(self, records: list, augment: Augmentation = PLAIN) -> list: ...
 
-    def put(self, record, latents: torch.Tensor) -> None: ...
+    def put(self, record, latents: torch.Tensor, flipped: torch.Tensor | None = None) -> None: ...
 
-    def get(self, key: str) -> torch.Tensor | None: ...
+    def get(self, key: str, flipped: bool = False) -> torch.Tensor | None: ...
 
 
 class MemoryLatentCache:
-    """Latents in RAM, keyed by image path; float32 on the CPU."""
+    """Latents in RAM, keyed by image path (and those of the mirrored image with --flip_aug); float32 on the CPU."""
 
     def __init__(self) -> None:
         self._latents: dict[str, torch.Tensor] = {}
+        self._flipped: dict[str, torch.Tensor] = {}
 
-    def missing(self, records: list) -> list:
-        return [r for r in records if r.path not in self._latents]
+    def missing(self, records: list, augment: Augmentation = PLAIN) -> list:
+        return [r for r in records if r.path not in self._latents or (augment.flip and r.path not in self._flipped)]
 
-    def get(self, key: str) -> torch.Tensor | None:
-        return self._latents.get(key)
+    def get(self, key: str, flipped: bool = False) -> torch.Tensor | None:
+        return (self._flipped if flipped else self._latents).get(key)
 
-    def put(self, record, latents: torch.Tensor) -> None:
+    def put(self, record, latents: torch.Tensor, flipped: torch.Tensor | None = None) -> None:
         self._latents[record.path] = latents
+        if flipped is not None:
+            self._flipped[record.path] = flipped
 
     def __len__(self) -> int:
         return len(self._latents)
@@ -129,9 +133,11 @@ def _stat(path: str) -> tuple[int, int]:
     return info.st_size, info.st_mtime_ns
 
 
-def producer(record, vae_id: str, flip: bool = False) -> dict:
-    """What decides a record's latents besides the image bytes: pixel geometry, flip and the encoder."""
-    return {
+def producer(record, vae_id: str, flip: bool = False, interpolation: str | None = None) -> dict:
+    """What decides a record's latents besides the image bytes: pixel geometry, resize filter, the encoder,
+    and whether the mirrored image's latents are stored too. The filter is recorded only when one was
+    named, so caches written before --resize_interpolation existed stay valid."""
+    made = {
         "version": FINGERPRINT_VERSION,
         "bucket": list(record.bucket),
         "resized": list(record.resized),
@@ -139,6 +145,16 @@ def producer(record, vae_id: str, flip: bool = False) -> dict:
         "flip": flip,
         "vae": vae_id,
     }
+    if interpolation is not None:
+        made["interpolation"] = interpolation
+    return made
+
+
+def _serves(stored: dict, wanted: dict) -> bool:
+    """Latents made by `stored` can stand in for `wanted`: the same producer, except that latents stored
+    with their mirror image also serve a run without --flip_aug."""
+    same = {k: v for k, v in stored.items() if k != "flip"} == {k: v for k, v in wanted.items() if k != "flip"}
+    return same and (stored.get("flip") is True or not wanted["flip"])
 
 
 def _array_sha256(array: np.ndarray) -> str:
@@ -148,6 +164,7 @@ def _array_sha256(array: np.ndarray) -> str:
 # --- the disk cache -------------------------------------------------------------------------------
 
 FINGERPRINT_KEY = "sdtune_fingerprint"
+FLIPPED_KEY = "latents_flipped"
 REUSED = ("valid", "foreign", "trusted")
 
 
@@ -177,13 +194,13 @@ class DiskLatentCache:
     counts: dict = field(default_factory=dict, init=False)
     _entries: dict = field(default_factory=dict, init=False, repr=False)
 
-    def missing(self, records: list) -> list:
+    def missing(self, records: list, augment: Augmentation = PLAIN) -> list:
         """Check every record's file; returns the records whose latents must be (re-)encoded."""
         self.counts = dict.fromkeys(REUSED + ("missing", "stale", "unreadable"), 0)
         todo = []
         for record in tqdm(records, desc="checking latent cache files", smoothing=1):
             entry = _Entry(npz_path(record.path, record.size, self.suffix), key_suffix(record.bucket),
-                           producer(record, self.vae_id), _stat(record.path))
+                           producer(record, self.vae_id, augment.flip, augment.interpolation), _stat(record.path))
             self._entries[record.path] = entry
             state = self._state(record, entry)
             self.counts[state] += 1
@@ -215,8 +232,10 @@ class DiskLatentCache:
         if FINGERPRINT_KEY + s not in npz.files:
             return self._judge_foreign(record, entry, npz)
         fingerprint = json.loads(str(npz[FINGERPRINT_KEY + s]))
-        if fingerprint.get("producer") != entry.producer or fingerprint.get("latents_sha256") != _array_sha256(latents):
+        if not _serves(fingerprint.get("producer") or {}, entry.producer) or fingerprint.get("latents_sha256") != _array_sha256(latents):
             return "stale"  # another encoder, geometry, or latents rewritten by a tool that kept our key
+        if entry.producer["flip"] and not _has_flipped(npz, s, record.bucket, fingerprint.get("flipped_sha256", "")):
+            return "stale"
         return "valid" if _same_image(record.path, entry.image_stat, fingerprint.get("image", {})) else "stale"
 
     def _judge_foreign(self, record, entry: _Entry, npz) -> str:
@@ -226,6 +245,8 @@ class DiskLatentCache:
         size_key = "original_size" + entry.suffix
         if size_key not in npz.files or tuple(npz[size_key].tolist()) != tuple(record.size):
             return "stale"
+        if entry.producer["flip"] and not _has_flipped(npz, entry.suffix, record.bucket):
+            return "stale"  # kohya re-caches such a file too
         return "foreign" if os.stat(entry.npz).st_mtime_ns >= entry.image_stat[1] else "stale"
 
     def _log_counts(self) -> None:
@@ -236,17 +257,22 @@ class DiskLatentCache:
             logger.warning("reusing %d latent cache files written without an sdtune fingerprint (by kohya?): "
                            "their VAE cannot be checked; delete them if the VAE changed", c["foreign"])
 
-    def put(self, record, latents: torch.Tensor) -> None:
-        """Write the record's latents with kohya's keys and our fingerprint, keeping other sizes' keys."""
+    def put(self, record, latents: torch.Tensor, flipped: torch.Tensor | None = None) -> None:
+        """Write the record's latents (and its mirror image's) with kohya's keys and our fingerprint,
+        keeping other sizes' keys."""
         entry = self._entries[record.path]
         s = entry.suffix
-        raw = (latents.detach().to("cpu", torch.float32) / self.scale).numpy()
+        raw = self._raw(latents)
         arrays = _kept_arrays(entry)
         arrays["latents" + s] = raw
         arrays["original_size" + s] = np.array(record.size)
         arrays["crop_ltrb" + s] = np.array(kohya_crop_ltrb(record.bucket, record.size))
         image = {"bytes": entry.image_stat[0], "mtime_ns": entry.image_stat[1], "sha256": file_sha256(record.path)}
-        fingerprint = {"producer": entry.producer, "image": image, "latents_sha256": _array_sha256(raw)}
+        made = dict(entry.producer, flip=flipped is not None)
+        fingerprint = {"producer": made, "image": image, "latents_sha256": _array_sha256(raw)}
+        if flipped is not None:
+            arrays[FLIPPED_KEY + s] = self._raw(flipped)
+            fingerprint["flipped_sha256"] = _array_sha256(arrays[FLIPPED_KEY + s])
         arrays[FINGERPRINT_KEY + s] = np.array(json.dumps(fingerprint, sort_keys=True))
         try:
             atomic_write_npz(entry.npz, arrays)
@@ -254,14 +280,18 @@ class DiskLatentCache:
             raise UserError(f"cannot write latent cache {entry.npz}: {exc.strerror or exc}; make the folder "
                             "writable or use --cache_latents without --cache_latents_to_disk") from None
 
-    def get(self, key: str) -> torch.Tensor:
+    def _raw(self, latents: torch.Tensor) -> np.ndarray:
+        return (latents.detach().to("cpu", torch.float32) / self.scale).numpy()
+
+    def get(self, key: str, flipped: bool = False) -> torch.Tensor:
         entry = self._entries[key]
         s = entry.suffix
+        name = (FLIPPED_KEY if flipped else "latents") + s
         try:
             with np.load(entry.npz) as npz:
-                raw = npz["latents" + s]
+                raw = npz[name]
         except _READ_ERRORS as exc:
-            raise UserError(f"latent cache {entry.npz} has no readable latents{s} ({type(exc).__name__}): delete "
+            raise UserError(f"latent cache {entry.npz} has no readable {name} ({type(exc).__name__}): delete "
                             "it or run without --skip_cache_check to rebuild it") from None
         if raw.ndim != 3 or raw.shape[1:] != _latent_hw(entry.producer["bucket"]):
             raise UserError(f"latent cache {entry.npz} holds latents of shape {raw.shape}, not the bucket's: "
@@ -274,6 +304,16 @@ class DiskLatentCache:
 
 def _latent_hw(bucket) -> tuple[int, int]:
     return (bucket[1] // LATENT_STRIDE, bucket[0] // LATENT_STRIDE)
+
+
+def _has_flipped(npz, suffix: str, bucket, sha256: str | None = None) -> bool:
+    """The file holds the mirror image's latents at the bucket's size (and, when given, those we wrote)."""
+    if FLIPPED_KEY + suffix not in npz.files:
+        return False
+    flipped = npz[FLIPPED_KEY + suffix]
+    if flipped.ndim != 3 or flipped.shape[1:] != _latent_hw(bucket):
+        return False
+    return sha256 is None or sha256 == _array_sha256(flipped)
 
 
 def _same_image(path: str, stat: tuple[int, int], recorded: dict) -> bool:
@@ -330,13 +370,20 @@ def plan_cache_batches(records: list, batch_size: int) -> list[list]:
     return batches
 
 
-def encode_batch(records: list, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Load, resize and crop a batch of one bucket size, then encode it: latents (B, C, H/8, W/8) on the CPU."""
-    pixels = torch.stack([load_pixels(r.path, r.resized, r.bucket) for r in records])
+def encode_batch(records: list, encode: Callable[[torch.Tensor], torch.Tensor],
+                 augment: Augmentation = PLAIN) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Load, resize and crop a batch of one bucket size, then encode it: latents (B, C, H/8, W/8) on the CPU,
+    and with augment.flip those of the mirrored pixels (a second encoder call, as kohya)."""
+    pixels = torch.stack([load_pixels(r.path, r.resized, r.bucket, augment) for r in records])
+    flipped = _encode(encode, torch.flip(pixels, dims=[3]), len(records)) if augment.flip else None
+    return _encode(encode, pixels, len(records)), flipped
+
+
+def _encode(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, count: int) -> torch.Tensor:
     with torch.no_grad():
         latents = encode(pixels)
-    if latents.shape[0] != len(records):
-        raise ValueError(f"encoder returned {latents.shape[0]} latents for {len(records)} images")
+    if latents.shape[0] != count:
+        raise ValueError(f"encoder returned {latents.shape[0]} latents for {count} images")
     return latents.detach().to("cpu", torch.float32)
 
 
@@ -345,14 +392,19 @@ def cache_latents(dataset, encode: Callable[[torch.Tensor], torch.Tensor], batch
     """Encode every image of `dataset` that `cache` cannot serve (once, not once per repeat); attach the cache.
 
     `encode` takes pixels (B, 3, H, W) in [-1, 1] and returns scaled latents (the model family's
-    encode_images). After this, dataset items carry latents and no image is decoded again.
+    encode_images). After this, dataset items carry latents and no image is decoded again. With
+    dataset.augment.flip the mirrored images are encoded too, and each occurrence picks one of the two.
     """
+    augment = dataset.augment
+    if augment.changes_pixels_per_sample:  # resolve_cache_options refuses these options before this point
+        raise ValueError("latents cannot be cached with color_aug or random_crop")
     cache = cache if cache is not None else MemoryLatentCache()
-    todo = cache.missing(dataset.records)
+    todo = cache.missing(dataset.records, augment)
     batches = plan_cache_batches(todo, max(1, int(batch_size)))
     logger.info("caching latents of %d images in %d batches", len(todo), len(batches))
     for batch in tqdm(batches, desc="caching latents", smoothing=1):
-        for record, latents in zip(batch, encode_batch(batch, encode)):
-            cache.put(record, latents.clone())  # clone: do not keep the whole batch's storage alive
+        latents, flipped = encode_batch(batch, encode, augment)
+        for i, record in enumerate(batch):  # clone: do not keep the whole batch's storage alive
+            cache.put(record, latents[i].clone(), None if flipped is None else flipped[i].clone())
     dataset.latent_cache = cache
     return cache

@@ -113,10 +113,12 @@ DATASET = _group("dataset", [
     _flag("enable_wildcard", "expand {a|b|c} wildcards in captions", supported=S),
     _opt("caption_prefix", str, None, "text put before every caption", supported=S),
     _opt("caption_suffix", str, None, "text put after every caption", supported=S),
-    _flag("color_aug", "weak color augmentation"),
-    _flag("flip_aug", "horizontal flip augmentation"),
+    _flag("color_aug", "weak colour augmentation: a third of the samples get a small hue shift or gamma",
+          supported=S),
+    _flag("flip_aug", "mirror each sample with probability 0.5 (cached latents: both sides are cached)",
+          supported=S),
     _opt("face_crop_aug_range", str, None, "face-centred crop augmentation range, e.g. 2.0,4.0"),
-    _flag("random_crop", "random crop instead of centre crop"),
+    _flag("random_crop", "random crop instead of centre crop", supported=S),
     _flag("debug_dataset", "list the first batches' samples and captions instead of training", supported=S),
     _opt("resolution", str, None, "training resolution: SIZE or WIDTH,HEIGHT", supported=S),
     _flag("cache_latents", "encode every image once and keep the latents in memory", supported=S),
@@ -129,8 +131,9 @@ DATASET = _group("dataset", [
     _opt("max_bucket_reso", int, 1024, "largest bucket side", supported=S),
     _opt("bucket_reso_steps", int, 64, "bucket side step", supported=S),
     _flag("bucket_no_upscale", "never upscale an image to fill a bucket", supported=S),
-    _opt("resize_interpolation", str, None, "interpolation used when resizing images",
-         choices=("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")),
+    _opt("resize_interpolation", str, None,
+         "resize filter (default: area when shrinking, lanczos when enlarging)",
+         choices=("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"), supported=S),
     _opt("token_warmup_min", int, 1, "start training with this many caption tags"),
     _opt("token_warmup_step", float, 0, "reach full caption length after N steps (N<1: ratio of the total)"),
     _flag("alpha_mask", "use the image alpha channel as a loss mask"),
@@ -280,7 +283,7 @@ OPTIMIZER = _group("optimizer", [
 ])
 
 CONFIG = _group("config", [
-    _opt("dataset_config", str, None, "dataset TOML with [general] and [[datasets]] tables"),
+    _opt("dataset_config", str, None, "dataset TOML with [general] and [[datasets]] tables", supported=S),
 ])
 
 CUSTOM_TRAIN = _group("custom_train", [
@@ -328,6 +331,8 @@ NETWORK = _group("train_network", [
 SDTUNE = _group("sdtune", [
     Option("unsafe_load_ckpt", bool, False, "allow loading a pickled .ckpt (unpickling can run code)",
            action="store_true", supported=S, kohya=False),
+    Option("skip_bad_images", bool, False, "leave out unreadable or truncated images, listed in one warning, "
+           "instead of stopping before training", action="store_true", supported=S, kohya=False),
 ])
 
 OPTIONS: tuple[Option, ...] = tuple(

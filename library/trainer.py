@@ -44,9 +44,11 @@ def run(argv, script: str, method: str) -> int:
 
 def check_required(cfg) -> None:
     """Options kohya also needs, checked before anything is loaded or written."""
-    for name in ("pretrained_model_name_or_path", "train_data_dir", "output_dir"):
+    for name in ("pretrained_model_name_or_path", "output_dir"):
         if not getattr(cfg, name):
             raise UserError(f"--{name} is required")
+    if not cfg.train_data_dir and not cfg.dataset_config:
+        raise UserError("--train_data_dir or --dataset_config is required")
 
 
 class Run:

@@ -34,7 +34,7 @@ def error_of(argv) -> str:
 def test_kohya_train_network_flag_count_is_193():
     kohya = [o for o in OPTIONS if o.kohya and "train_network" in o.scripts]
     assert len(kohya) == 193
-    assert [o.name for o in OPTIONS if not o.kohya] == ["unsafe_load_ckpt"]
+    assert [o.name for o in OPTIONS if not o.kohya] == ["unsafe_load_ckpt", "skip_bad_images"]
     assert len({o.name for o in OPTIONS}) == len(OPTIONS)
 
 
@@ -76,7 +76,7 @@ def test_every_default_survives_its_own_conversion(opt):
 
 def test_default_config_holds_every_option():
     cfg = default_config()
-    assert len(vars(cfg)) == 194
+    assert len(vars(cfg)) == 195  # 193 kohya options + unsafe_load_ckpt + skip_bad_images
     assert (cfg.train_batch_size, cfg.caption_extension, cfg.min_bucket_reso, cfg.max_bucket_reso) == (1, ".caption", 256, 1024)
     assert (cfg.bucket_reso_steps, cfg.cache_latents, cfg.network_args, cfg.unsafe_load_ckpt) == (64, False, None, False)
     assert vars(parse_args([])) == vars(cfg)
@@ -213,8 +213,8 @@ def test_missing_config_file(tmp_path):
 # --- support and cross-checks ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
-    (["--flip_aug"], "not supported yet: --flip_aug"),
-    (["--flip_aug", "--v2"], "not supported yet: --v2, --flip_aug"),
+    (["--full_fp16"], "not supported yet: --full_fp16"),
+    (["--full_fp16", "--v2"], "not supported yet: --v2, --full_fp16"),
     (["--noise_offset", "0.1"], "not supported yet: --noise_offset"),
     (["--optimizer_type", "Lion"], "not supported yet: --optimizer_type Lion (supported: AdamW, AdamW8bit)"),
     (["--lr_scheduler", "cosine_with_restarts"], "not supported yet: --lr_scheduler cosine_with_restarts"),

@@ -246,7 +246,7 @@ def batch_order(dataset):
 
 
 def test_order_is_deterministic_per_seed_and_epoch(two_buckets, monkeypatch):
-    monkeypatch.setattr(loader, "load_pixels", lambda path, resized, bucket: torch.zeros(3, bucket[1], bucket[0]))
+    monkeypatch.setattr(loader, "load_pixels", lambda path, resized, bucket, *_: torch.zeros(3, bucket[1], bucket[0]))
     first, second = build_dataset(make_cfg(two_buckets)), build_dataset(make_cfg(two_buckets))
     first.set_epoch(1)
     second.set_epoch(1)

@@ -195,8 +195,8 @@ BAD_INPUTS = [
     (["--optimizer_type", "Lion"], "not supported yet"),
     (["--lr_scheduler", "cosine_with_restarts"], "not supported yet"),
     (["--noise_offset", "0.1"], "not supported yet: --noise_offset"),
-    (["--flip_aug"], "not supported yet: --flip_aug"),
-    (["--dataset_config", "d.toml"], "not supported yet: --dataset_config"),
+    (["--full_fp16"], "not supported yet: --full_fp16"),
+    (["--dataset_config", "d.toml"], "--dataset_config d.toml: file not found"),
     (["--save_model_as", "ckpt"], "not supported yet"),
     (["--log_with", "wandb"], "not supported yet"),
     (["--mixed_precision", "fp16"], "fp16"),
@@ -322,7 +322,8 @@ def test_corrupt_image_mid_run_is_one_line(workers, tiny_model_dir, demo_data, t
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
     image = sorted((data / "10_shapes").glob("*.png"))[0]
-    image.write_bytes(image.read_bytes()[:200])  # the header still reads; decoding fails mid-run
+    # the header and the IEND end still read, so the scan-time check passes; decoding fails mid-run
+    image.write_bytes(image.read_bytes()[:200] + image.read_bytes()[-12:])
     out = tmp_path / "out"
     argv = train_argv(tiny_model_dir, str(data), str(out), "--max_train_steps", "60", "--train_batch_size", "1",
                       "--max_data_loader_n_workers", workers)

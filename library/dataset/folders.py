@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from library.dataset.captions import normalize_extension, read_caption
+from library.dataset.image_check import image_problem
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class Subset:
     image_paths: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     num_caption_files: int = 0
+    skipped_images: list[str] = field(default_factory=list)  # "path (why)", left out by --skip_bad_images
 
     @property
     def name(self) -> str:
@@ -61,11 +63,33 @@ def list_images(folder: str) -> list[str]:
     ]
 
 
-def load_subset(image_dir: str, num_repeats: int, class_tokens: str, caption_extension: str, is_reg=False) -> Subset:
-    """Read one folder: image paths and captions (caption file, else the class token)."""
+def usable_images(paths: list[str], skip_bad_images: bool, skipped: list[str]) -> list[str]:
+    """The images that pass image_check; bad ones raise one UserError naming them, or with
+    skip_bad_images are appended to `skipped` as "path (why)" and left out."""
+    usable, bad = [], []
+    for path in paths:
+        problem = image_problem(path)
+        if problem is None:
+            usable.append(path)
+        else:
+            bad.append(f"{path} ({problem})")
+    if bad and not skip_bad_images:
+        more = f"; {len(bad) - 1} more in that folder" if len(bad) > 1 else ""
+        raise UserError(f"cannot use image {bad[0]}{more}: fix or remove it, or pass --skip_bad_images")
+    skipped.extend(bad)
+    return usable
+
+
+def load_subset(image_dir: str, num_repeats: int, class_tokens: str, caption_extension: str, is_reg=False,
+                skip_bad_images: bool = False) -> Subset:
+    """Read one folder: image paths and captions (caption file, else the class token).
+
+    Every image is checked (library.dataset.image_check): a bad one stops the run here, before anything is
+    written, unless skip_bad_images (then it is listed in subset.skipped_images; see warn_skipped_images).
+    """
     subset = Subset(image_dir, num_repeats, class_tokens, is_reg)
     missing = 0
-    for path in list_images(image_dir):
+    for path in usable_images(list_images(image_dir), skip_bad_images, subset.skipped_images):
         caption = read_caption(path, caption_extension)
         if caption is None:
             missing += 1
@@ -85,47 +109,63 @@ def _has_txt_captions(subsets: list[Subset]) -> bool:
     return any(os.path.isfile(os.path.splitext(p)[0] + ".txt") for s in subsets for p in s.image_paths)
 
 
-def discover_subsets(train_data_dir: str, caption_extension: str = ".caption", is_reg: bool = False) -> list[Subset]:
+def discover_subsets(train_data_dir: str, caption_extension: str = ".caption", is_reg: bool = False,
+                     skip_bad_images: bool = False) -> list[Subset]:
     """Every `<repeats>_<concept>` sub-folder of train_data_dir that holds images, sorted by name.
 
-    Folders whose name does not start with a number, or with fewer than 1 repeat, are skipped with
-    a warning. Raises UserError when the folder is missing. With is_reg (the folder of --reg_data_dir)
-    the subsets are regularisation images, and a folder without any only warns, as in kohya:
-    training without regularisation images is a normal run.
+    Folders whose name does not start with a number, with fewer than 1 repeat, or without usable
+    images are skipped with a warning, as in kohya. Raises UserError when the folder is missing or no
+    sub-folder is left, and for a bad image unless skip_bad_images (see load_subset). With is_reg
+    (the folder of --reg_data_dir) the subsets are regularisation images, and a folder without any
+    only warns, as in kohya: training without regularisation images is a normal run.
     """
     option = "--reg_data_dir" if is_reg else "--train_data_dir"
     if not train_data_dir or not os.path.isdir(train_data_dir):
         raise UserError(f"{option} {train_data_dir}: folder not found (expected layout: {LAYOUT})")
     extension = normalize_extension(caption_extension)
-    subsets = []
-    for name in sorted(os.listdir(train_data_dir)):
-        folder = os.path.join(train_data_dir, name)
-        if os.path.isdir(folder):
-            subset = _folder_subset(folder, name, extension, is_reg)
-            if subset is not None:
-                subsets.append(subset)
-    loose = " (images directly in it are not used: move them into a sub-folder)" if list_images(train_data_dir) else ""
-    if not subsets and is_reg:
-        logger.warning("no regularization images found in %s%s; expected layout: %s", train_data_dir, loose, LAYOUT)
-    elif not subsets:
-        raise UserError(f"no training images found in {train_data_dir}{loose}; expected layout: {LAYOUT}")
+    names = [n for n in sorted(os.listdir(train_data_dir)) if os.path.isdir(os.path.join(train_data_dir, n))]
+    loaded = [_folder_subset(os.path.join(train_data_dir, n), n, extension, is_reg, skip_bad_images) for n in names]
+    loaded = [s for s in loaded if s is not None]
+    warn_skipped_images(loaded)
+    subsets = [s for s in loaded if s.image_paths]
+    if not subsets:
+        _no_subsets(train_data_dir, is_reg, names)
     if extension != ".txt" and not any(s.num_caption_files for s in subsets) and _has_txt_captions(subsets):
         logger.warning("no %s caption files found, but .txt files are next to the images: "
                        "pass --caption_extension .txt to use them", extension)
     return subsets
 
 
-def _folder_subset(folder: str, name: str, extension: str, is_reg: bool) -> Subset | None:
-    """The subset of one sub-folder, or None (with a warning) when kohya would skip it."""
+def _no_subsets(data_dir: str, is_reg: bool, folders: list[str]) -> None:
+    """No usable sub-folder: a warning for the regularisation folder, else the UserError saying why."""
+    why = f" (skipped sub-folders: {', '.join(folders)})" if folders else ""
+    if list_images(data_dir):
+        why += " (images directly in it are not used: move them into a sub-folder)"
+    if is_reg:
+        logger.warning("no regularization images found in %s%s; expected layout: %s", data_dir, why, LAYOUT)
+    else:
+        raise UserError(f"no training images found in {data_dir}{why}; expected layout: {LAYOUT}")
+
+
+def warn_skipped_images(subsets: list[Subset]) -> None:
+    """One warning listing every image --skip_bad_images left out of these subsets."""
+    skipped = [entry for subset in subsets for entry in subset.skipped_images]
+    if skipped:
+        logger.warning("--skip_bad_images: skipping %d images that cannot be used: %s", len(skipped), "; ".join(skipped))
+
+
+def _folder_subset(folder: str, name: str, extension: str, is_reg: bool, skip_bad_images: bool) -> Subset | None:
+    """The subset of one sub-folder (maybe without images, with a warning), or None when kohya would skip it."""
     parsed = parse_folder_name(name)
     if parsed is None:
         logger.warning("skipping folder %s: its name does not start with a repeat count like 10_%s", folder, name)
         return None
     if parsed[0] < 1:
-        logger.warning("skipping folder %s: repeat count %d is less than 1", folder, parsed[0])
+        logger.warning("skipping folder %s: repeat count %d is less than 1 (kohya skips it too; "
+                       "rename it to 1_%s or more to train on it)", folder, parsed[0], parsed[1])
         return None
-    subset = load_subset(folder, parsed[0], parsed[1], extension, is_reg)
+    subset = load_subset(folder, parsed[0], parsed[1], extension, is_reg, skip_bad_images)
     if not subset.image_paths:
-        logger.warning("skipping folder %s: no images (%s)", folder, " ".join(IMAGE_EXTENSIONS))
-        return None
+        none = "no usable images" if subset.skipped_images else f"no images ({' '.join(IMAGE_EXTENSIONS)})"
+        logger.warning("skipping folder %s: %s", folder, none)
     return subset

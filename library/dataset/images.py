@@ -1,4 +1,4 @@
-"""Reading images: size without decoding, decode + resize + center crop, pixels in [-1, 1].
+"""Reading images: size without decoding, decode + resize + crop + augmentation, pixels in [-1, 1].
 
 Cameras store portrait photos as landscape pixels plus an EXIF orientation tag; viewers (and users)
 see them upright, so sizes and pixels both follow the tag. It is read for the formats that carry it
@@ -6,6 +6,9 @@ in practice (JPEG, WebP, TIFF): for those, PIL opens the header (~0.1 ms), the r
 """
 
 from __future__ import annotations
+
+import random
+from dataclasses import dataclass
 
 import imagesize
 import numpy as np
@@ -15,6 +18,20 @@ from PIL import Image, ImageOps
 from library.dataset.buckets import Size, center_crop_offsets
 from library.errors import UserError
 
+
+# kohya v0.10's --resize_interpolation names. kohya resizes with cv2 except for lanczos and box; sdtune
+# resizes with PIL only, so each cv2 filter maps to its PIL counterpart (cv2's INTER_AREA is an area
+# average: PIL's BOX; cv2's INTER_NEAREST_EXACT picks the same pixels as PIL's NEAREST).
+INTERPOLATIONS = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "linear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "cubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,
+    "box": Image.Resampling.BOX,
+}
 
 EXIF_FORMATS = (".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 _ORIENTATION_TAG = 0x0112
@@ -61,19 +78,91 @@ def load_rgb(path: str) -> Image.Image:
         raise UserError(f"cannot decode image {path}: {exc}") from None
 
 
-def resize_and_crop(image: Image.Image, resized: Size, bucket: Size) -> Image.Image:
-    """Resize to `resized` (covering `bucket`), then cut the centered bucket-sized window.
+@dataclass(frozen=True)
+class Augmentation:
+    """How training pixels are made from an image besides its bucket: kohya's per-sample augmentations.
 
-    Downscaling uses area averaging (BOX, like kohya's cv2.INTER_AREA); upscaling uses Lanczos.
+    `flip` mirrors half of the samples, `color` is kohya's weak colour jitter (color_aug), `random_crop`
+    cuts a random bucket-sized window instead of the centred one, `interpolation` overrides the resize
+    filter (None: area average when shrinking, Lanczos when enlarging, as kohya).
     """
+
+    flip: bool = False
+    color: bool = False
+    random_crop: bool = False
+    interpolation: str | None = None
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "Augmentation":
+        interpolation = getattr(cfg, "resize_interpolation", None) or None
+        if interpolation is not None and interpolation not in INTERPOLATIONS:
+            raise UserError(f"--resize_interpolation {interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
+        return cls(bool(getattr(cfg, "flip_aug", False)), bool(getattr(cfg, "color_aug", False)),
+                   bool(getattr(cfg, "random_crop", False)), interpolation)
+
+    @property
+    def changes_pixels_per_sample(self) -> bool:
+        """True when one image gives other pixels at each draw, so latents encoded once cannot stand in."""
+        return self.color or self.random_crop
+
+
+PLAIN = Augmentation()
+
+
+def resample_filter(interpolation: str | None, shrinking: bool) -> Image.Resampling:
+    """The PIL filter for a resize: the named one, else area averaging (BOX, like kohya's cv2.INTER_AREA)
+    when shrinking and Lanczos when enlarging."""
+    if interpolation is None:
+        return Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
+    return INTERPOLATIONS[interpolation]  # names were checked by Augmentation.from_cfg
+
+
+def random_crop_offsets(resized: Size, bucket: Size, rng: random.Random) -> tuple[int, int]:
+    """(left, top) of a random bucket-sized window inside the resized image: each side's overhang drawn
+    uniformly from 0..overhang inclusive, width first (kohya's random_crop)."""
+    left = rng.randint(0, max(0, resized[0] - bucket[0]))
+    top = rng.randint(0, max(0, resized[1] - bucket[1]))
+    return (left, top)
+
+
+def resize_and_crop(image: Image.Image, resized: Size, bucket: Size, interpolation: str | None = None,
+                    offsets: tuple[int, int] | None = None) -> Image.Image:
+    """Resize to `resized` (covering `bucket`), then cut the bucket-sized window at `offsets` (default:
+    centred). The filter is `interpolation` when given, else see resample_filter."""
     if image.size != tuple(resized):
         shrinking = resized[0] * resized[1] < image.size[0] * image.size[1]
-        method = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
-        image = image.resize(tuple(resized), method)
-    left, top = center_crop_offsets(image.size, bucket)
+        image = image.resize(tuple(resized), resample_filter(interpolation, shrinking))
+    left, top = offsets if offsets is not None else center_crop_offsets(image.size, bucket)
     if image.size != tuple(bucket):
         image = image.crop((left, top, left + bucket[0], top + bucket[1]))
     return image
+
+
+# kohya's color_aug (AugHelper, after albumentations' OneOf(HueSaturationValue(8, 0, 0), RandomGamma((95, 105)),
+# p=0.33)): a third of the samples change, half of those by a hue shift of up to 8 OpenCV hue units
+# (2 degrees each, so +-16 degrees), the other half by a gamma in [0.95, 1.05].
+COLOR_AUG_P = 0.33
+HUE_SHIFT_DEGREES = 16.0
+GAMMA_RANGE = (0.95, 1.05)
+
+
+def color_aug(image: Image.Image, rng: random.Random) -> Image.Image:
+    """kohya's weak colour augmentation (see the constants above), with PIL and numpy instead of cv2.
+
+    The gamma is applied to values scaled to 0..1, as albumentations' RandomGamma (which kohya meant to
+    replace) does; kohya raises the raw 0..255 values to the power, which shifts brightness by up to a
+    quarter instead of bending the tone curve.
+    """
+    if rng.random() > COLOR_AUG_P:
+        return image
+    if rng.random() > 0.5:
+        degrees = rng.uniform(-HUE_SHIFT_DEGREES, HUE_SHIFT_DEGREES)
+        hsv = np.asarray(image.convert("HSV")).copy()  # PIL's hue: 255 units a full turn (255 is red again)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int32) + round(degrees * 255 / 360)) % 255
+        return Image.frombytes("HSV", image.size, hsv.tobytes()).convert("RGB")
+    gamma = rng.uniform(*GAMMA_RANGE)
+    table = [min(255, round(255 * (v / 255) ** gamma)) for v in range(256)]
+    return image.point(table * 3)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -82,6 +171,17 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
-def load_pixels(path: str, resized: Size, bucket: Size) -> torch.Tensor:
-    """The training pixels of one image: decoded, resized, center-cropped to `bucket`, in [-1, 1]."""
-    return to_tensor(resize_and_crop(load_rgb(path), resized, bucket))
+def load_pixels(path: str, resized: Size, bucket: Size, augment: Augmentation = PLAIN,
+                rng: random.Random | None = None, flip: bool = False) -> torch.Tensor:
+    """The training pixels of one image in [-1, 1]: decoded, resized, cropped to `bucket`, then (kohya's
+    order) colour-augmented and mirrored. `rng` draws the crop window and the colour change; it is needed
+    when augment.random_crop or augment.color is on. Whether to flip is the caller's draw."""
+    if augment.changes_pixels_per_sample and rng is None:
+        raise ValueError("random_crop and color_aug need a random source")
+    offsets = random_crop_offsets(resized, bucket, rng) if augment.random_crop else None
+    image = resize_and_crop(load_rgb(path), resized, bucket, augment.interpolation, offsets)
+    if augment.color:
+        image = color_aug(image, rng)
+    if flip:
+        image = ImageOps.mirror(image)
+    return to_tensor(image)

@@ -18,7 +18,7 @@ import torch
 from library.dataset import buckets as bk
 from library.dataset.captions import CaptionOptions, process_caption, tag_frequency
 from library.dataset.folders import Subset, discover_subsets
-from library.dataset.images import image_size, load_pixels
+from library.dataset.images import PLAIN, Augmentation, image_size, load_pixels
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class ImageRecord:
     bucket: bk.Size | None = None
     resized: bk.Size | None = None
     ar_error: float = 0.0
+    caption_options: CaptionOptions | None = None  # its subset's (--dataset_config); None: the dataset's
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,9 @@ def _split_reg(records: list[ImageRecord]) -> list[ImageRecord]:
 
 
 class TrainDataset:
-    """Batches of one epoch. `dataset[i]` is batch i: a dict of images or latents, captions, is_reg."""
+    """Batches of one epoch. `dataset[i]` is batch i: a dict of images or latents, captions, is_reg, flipped."""
+
+    augment: Augmentation = PLAIN  # set from the options by whoever builds the dataset (see build_dataset)
 
     def __init__(self, subsets: list[Subset], records: list[ImageRecord], settings: BucketSettings,
                  batch_size: int, seed: int, caption_options: CaptionOptions = CaptionOptions()):
@@ -180,23 +183,36 @@ class TrainDataset:
             if epoch != self.epoch:
                 self.set_epoch(epoch)
         members = [self.records[i] for i in self._batches[index]]
+        rngs = [self._image_rng(index, position) for position in range(len(members))]
+        flipped = [self.augment.flip and rng.random() < 0.5 for rng in rngs]  # drawn first: same with a cache
         images = latents = None
         if self.latent_cache is not None:
-            latents = torch.stack([self.latent_cache.get(r.path) for r in members])
+            latents = torch.stack([self._latents(r, flip) for r, flip in zip(members, flipped)])
         else:
-            images = torch.stack([load_pixels(r.path, r.resized, r.bucket) for r in members])
+            images = torch.stack([load_pixels(r.path, r.resized, r.bucket, self.augment, rng, flip)
+                                  for r, rng, flip in zip(members, rngs, flipped)])
         return {
             "images": images,
             "latents": latents,
             "captions": [self._caption(r, index, position) for position, r in enumerate(members)],
             "is_reg": torch.tensor([r.is_reg for r in members], dtype=torch.bool),
+            "flipped": torch.tensor(flipped, dtype=torch.bool),
             "image_paths": [r.path for r in members],
         }
+
+    def _image_rng(self, index: int, position: int) -> random.Random:
+        """The random source of one occurrence's pixels (flip, crop window, colour): like the caption's,
+        the same in any process, but a stream of its own so captions draw the same with or without it."""
+        return random.Random(f"{self.seed}:{self.epoch}:{index}:{position}:pixels")
+
+    def _latents(self, record: ImageRecord, flip: bool) -> torch.Tensor:
+        """Cached latents of the record; those of its mirror image when this occurrence is flipped."""
+        return self.latent_cache.get(record.path, flipped=True) if flip else self.latent_cache.get(record.path)
 
     def _caption(self, record: ImageRecord, index: int, position: int) -> str:
         """The record's caption for this occurrence: its own random draw, the same in any process."""
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}:{position}")
-        return process_caption(record.caption, self.caption_options, self.epoch, rng)
+        return process_caption(record.caption, record.caption_options or self.caption_options, self.epoch, rng)
 
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 1,
                       cache=None) -> None:
@@ -261,15 +277,23 @@ def build_dataset(cfg) -> TrainDataset:
     """The training dataset described by `cfg` (train_data_dir, resolution, bucket and batch options).
 
     Captions stay strings: the model family tokenizes them. Options whose feature is not built yet
-    were already refused by library.config.
+    were already refused by library.config. With --dataset_config, a DatasetGroup of its datasets.
     """
+    if getattr(cfg, "dataset_config", None):  # "" is off, as GUI-written files hold it
+        from library.dataset.dataset_config import build_config_datasets
+
+        group = build_config_datasets(cfg)
+        for dataset in group.datasets:
+            _log_summary(dataset)
+        return group
     settings = BucketSettings.from_cfg(cfg)
     if not getattr(cfg, "train_data_dir", None):
         raise UserError("--train_data_dir is required: a folder holding <repeats>_<concept> sub-folders of images")
     extension = getattr(cfg, "caption_extension", ".caption") or ".caption"
-    subsets = discover_subsets(cfg.train_data_dir, extension)
+    skip = bool(getattr(cfg, "skip_bad_images", False))
+    subsets = discover_subsets(cfg.train_data_dir, extension, skip_bad_images=skip)
     if getattr(cfg, "reg_data_dir", None):  # "" is off, as GUI-written files hold it
-        subsets += discover_subsets(cfg.reg_data_dir, extension, is_reg=True)
+        subsets += discover_subsets(cfg.reg_data_dir, extension, is_reg=True, skip_bad_images=skip)
     records = _split_reg([
         ImageRecord(path, caption, subset.num_repeats, subset.is_reg, image_size(path))
         for subset in subsets
@@ -281,6 +305,7 @@ def build_dataset(cfg) -> TrainDataset:
     batch_size = int(getattr(cfg, "train_batch_size", 1) or 1)
     seed = getattr(cfg, "seed", None) or 0
     dataset = TrainDataset(subsets, records, settings, batch_size, seed, CaptionOptions.from_cfg(cfg))
+    dataset.augment = Augmentation.from_cfg(cfg)
     _log_summary(dataset)
     return dataset
 

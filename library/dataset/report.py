@@ -115,7 +115,8 @@ def build_report(dataset, cfg, count_tokens: Callable[[str], int]) -> Report:
     every caption of a multi-caption file is checked, with --caption_prefix / --caption_suffix added
     (they are part of every sample's text).
     """
-    buckets = _bucket_rows(dataset)
+    # a --dataset_config group: each dataset has its own buckets and batch size
+    buckets = [row for part in getattr(dataset, "datasets", [dataset]) for row in _bucket_rows(part)]
     batches = sum(b.batches for b in buckets)
     accumulation = int(getattr(cfg, "gradient_accumulation_steps", 1) or 1)
     steps_per_epoch = math.ceil(batches / accumulation)
