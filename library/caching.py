@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from library.dataset.buckets import center_crop_offsets
 from library.dataset.images import PLAIN, Augmentation, load_pixels
+from library.dataset.masks import NO_MASKS, MaskSource, latent_mask, to_latent_size
 from library.errors import UserError
 from library.saving import atomic_write_npz
 
@@ -46,30 +47,42 @@ _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zli
 
 
 class LatentCache(Protocol):
-    def missing(self, records: list, augment: Augmentation = PLAIN) -> list: ...
+    def missing(self, records: list, augment: Augmentation = PLAIN, masks: MaskSource = NO_MASKS) -> list: ...
 
-    def put(self, record, latents: torch.Tensor, flipped: torch.Tensor | None = None) -> None: ...
+    def put(self, record, latents: torch.Tensor, flipped: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None) -> None: ...
 
     def get(self, key: str, flipped: bool = False) -> torch.Tensor | None: ...
 
+    def get_mask(self, key: str) -> torch.Tensor | None: ...
+
 
 class MemoryLatentCache:
-    """Latents in RAM, keyed by image path (and those of the mirrored image with --flip_aug); float32 on the CPU."""
+    """Latents in RAM, keyed by image path (and those of the mirrored image with --flip_aug, and the
+    latent-size loss mask with masks on); float32 on the CPU."""
 
     def __init__(self) -> None:
         self._latents: dict[str, torch.Tensor] = {}
         self._flipped: dict[str, torch.Tensor] = {}
+        self._masks: dict[str, torch.Tensor] = {}
 
-    def missing(self, records: list, augment: Augmentation = PLAIN) -> list:
-        return [r for r in records if r.path not in self._latents or (augment.flip and r.path not in self._flipped)]
+    def missing(self, records: list, augment: Augmentation = PLAIN, masks: MaskSource = NO_MASKS) -> list:
+        return [r for r in records if r.path not in self._latents or (augment.flip and r.path not in self._flipped)
+                or (masks.enabled and r.path not in self._masks)]
+
+    def get_mask(self, key: str) -> torch.Tensor | None:
+        return self._masks.get(key)
 
     def get(self, key: str, flipped: bool = False) -> torch.Tensor | None:
         return (self._flipped if flipped else self._latents).get(key)
 
-    def put(self, record, latents: torch.Tensor, flipped: torch.Tensor | None = None) -> None:
+    def put(self, record, latents: torch.Tensor, flipped: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None) -> None:
         self._latents[record.path] = latents
         if flipped is not None:
             self._flipped[record.path] = flipped
+        if mask is not None:
+            self._masks[record.path] = mask
 
     def __len__(self) -> int:
         return len(self._latents)
@@ -176,6 +189,7 @@ class _Entry:
     suffix: str
     producer: dict
     image_stat: tuple[int, int]  # (bytes, mtime_ns) when the run started
+    mask: dict | None = None  # MaskSource.identity when masks are on: the file must hold that mask
 
 
 @dataclass
@@ -194,13 +208,14 @@ class DiskLatentCache:
     counts: dict = field(default_factory=dict, init=False)
     _entries: dict = field(default_factory=dict, init=False, repr=False)
 
-    def missing(self, records: list, augment: Augmentation = PLAIN) -> list:
+    def missing(self, records: list, augment: Augmentation = PLAIN, masks: MaskSource = NO_MASKS) -> list:
         """Check every record's file; returns the records whose latents must be (re-)encoded."""
         self.counts = dict.fromkeys(REUSED + ("missing", "stale", "unreadable"), 0)
         todo = []
         for record in tqdm(records, desc="checking latent cache files", smoothing=1):
             entry = _Entry(npz_path(record.path, record.size, self.suffix), key_suffix(record.bucket),
-                           producer(record, self.vae_id, augment.flip, augment.interpolation), _stat(record.path))
+                           producer(record, self.vae_id, augment.flip, augment.interpolation), _stat(record.path),
+                           masks.identity(record.path) if masks.enabled else None)
             self._entries[record.path] = entry
             state = self._state(record, entry)
             self.counts[state] += 1
@@ -236,6 +251,8 @@ class DiskLatentCache:
             return "stale"  # another encoder, geometry, or latents rewritten by a tool that kept our key
         if entry.producer["flip"] and not _has_flipped(npz, s, record.bucket, fingerprint.get("flipped_sha256", "")):
             return "stale"
+        if entry.mask is not None and (fingerprint.get("mask") != entry.mask or not _has_mask(npz, entry)):
+            return "stale"  # masks turned on, another mask source, or the mask file changed
         return "valid" if _same_image(record.path, entry.image_stat, fingerprint.get("image", {})) else "stale"
 
     def _judge_foreign(self, record, entry: _Entry, npz) -> str:
@@ -247,6 +264,10 @@ class DiskLatentCache:
             return "stale"
         if entry.producer["flip"] and not _has_flipped(npz, entry.suffix, record.bucket):
             return "stale"  # kohya re-caches such a file too
+        if entry.mask is not None and entry.mask["kind"] == "masklabel":
+            return "stale"  # kohya stores no mask files' masks
+        if entry.mask is not None and entry.mask["kind"] == "alpha" and not _has_mask(npz, entry):
+            return "stale"  # kohya re-caches without alpha_mask too
         return "foreign" if os.stat(entry.npz).st_mtime_ns >= entry.image_stat[1] else "stale"
 
     def _log_counts(self) -> None:
@@ -257,9 +278,10 @@ class DiskLatentCache:
             logger.warning("reusing %d latent cache files written without an sdtune fingerprint (by kohya?): "
                            "their VAE cannot be checked; delete them if the VAE changed", c["foreign"])
 
-    def put(self, record, latents: torch.Tensor, flipped: torch.Tensor | None = None) -> None:
-        """Write the record's latents (and its mirror image's) with kohya's keys and our fingerprint,
-        keeping other sizes' keys."""
+    def put(self, record, latents: torch.Tensor, flipped: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None) -> None:
+        """Write the record's latents (and its mirror image's, and its latent-size mask) with kohya's keys
+        and our fingerprint, keeping other sizes' keys."""
         entry = self._entries[record.path]
         s = entry.suffix
         raw = self._raw(latents)
@@ -273,6 +295,9 @@ class DiskLatentCache:
         if flipped is not None:
             arrays[FLIPPED_KEY + s] = self._raw(flipped)
             fingerprint["flipped_sha256"] = _array_sha256(arrays[FLIPPED_KEY + s])
+        if entry.mask is not None and mask is not None:
+            arrays[_mask_key(entry)] = mask[0].detach().to("cpu", torch.float32).numpy()
+            fingerprint["mask"] = entry.mask
         arrays[FINGERPRINT_KEY + s] = np.array(json.dumps(fingerprint, sort_keys=True))
         try:
             atomic_write_npz(entry.npz, arrays)
@@ -298,12 +323,40 @@ class DiskLatentCache:
                             "delete it or run without --skip_cache_check to rebuild it")
         return torch.from_numpy(raw).float() * self.scale
 
+    def get_mask(self, key: str) -> torch.Tensor | None:
+        """The latent-size mask (1, h, w); a pixel-size one (kohya's alpha_mask) is area-averaged down."""
+        entry = self._entries[key]
+        if entry.mask is None or entry.mask["kind"] == "none":
+            return None
+        name = _mask_key(entry)
+        try:
+            with np.load(entry.npz) as npz:
+                raw = npz[name]
+        except _READ_ERRORS as exc:
+            raise UserError(f"latent cache {entry.npz} has no readable {name} ({type(exc).__name__}): delete "
+                            "it or run without --skip_cache_check to rebuild it") from None
+        mask = torch.from_numpy(raw).float()
+        if tuple(mask.shape) != _latent_hw(entry.producer["bucket"]):
+            mask = to_latent_size(mask)
+        return mask.reshape(1, *_latent_hw(entry.producer["bucket"]))
+
     def __len__(self) -> int:
         return len(self._entries)
 
 
 def _latent_hw(bucket) -> tuple[int, int]:
     return (bucket[1] // LATENT_STRIDE, bucket[0] // LATENT_STRIDE)
+
+
+def _mask_key(entry: _Entry) -> str:
+    """kohya's `alpha_mask_<h>x<w>` for alpha masks (kohya holds them at pixel size, sdtune at latent
+    size; both readers area-average to the size they need); our own key for mask files, which kohya
+    must not take for alpha masks."""
+    return ("alpha_mask" if entry.mask["kind"] == "alpha" else "sdtune_masklabel") + entry.suffix
+
+
+def _has_mask(npz, entry: _Entry) -> bool:
+    return entry.mask["kind"] == "none" or _mask_key(entry) in npz.files
 
 
 def _has_flipped(npz, suffix: str, bucket, sha256: str | None = None) -> bool:
@@ -344,8 +397,8 @@ def resolve_cache_options(cfg) -> None:
         cfg.cache_latents = True
     if not getattr(cfg, "cache_latents", False):
         return
-    for name in ("color_aug", "random_crop"):
-        if getattr(cfg, name, False):
+    for name in ("color_aug", "random_crop", "face_crop_aug_range"):
+        if getattr(cfg, name, None):
             raise UserError(f"--{name} changes the pixels every epoch, so it cannot be used with --cache_latents "
                             f"or --cache_latents_to_disk: turn off one of them")
 
@@ -368,6 +421,13 @@ def plan_cache_batches(records: list, batch_size: int) -> list[list]:
         else:
             batches.append([record])
     return batches
+
+
+def batch_masks(records: list, augment: Augmentation, masks: MaskSource) -> list:
+    """Each record's latent-size mask, cut as its cached latents (no random crop, not flipped); None when off."""
+    if not masks.enabled:
+        return [None] * len(records)
+    return [latent_mask(masks, r.path, r.size, r.resized, r.bucket, augment.interpolation) for r in records]
 
 
 def encode_batch(records: list, encode: Callable[[torch.Tensor], torch.Tensor],
@@ -399,12 +459,14 @@ def cache_latents(dataset, encode: Callable[[torch.Tensor], torch.Tensor], batch
     if augment.changes_pixels_per_sample:  # resolve_cache_options refuses these options before this point
         raise ValueError("latents cannot be cached with color_aug or random_crop")
     cache = cache if cache is not None else MemoryLatentCache()
-    todo = cache.missing(dataset.records, augment)
+    masks = getattr(dataset, "masks", NO_MASKS)
+    todo = cache.missing(dataset.records, augment, masks)
     batches = plan_cache_batches(todo, max(1, int(batch_size)))
     logger.info("caching latents of %d images in %d batches", len(todo), len(batches))
     for batch in tqdm(batches, desc="caching latents", smoothing=1):
         latents, flipped = encode_batch(batch, encode, augment)
-        for i, record in enumerate(batch):  # clone: do not keep the whole batch's storage alive
-            cache.put(record, latents[i].clone(), None if flipped is None else flipped[i].clone())
+        for i, (record, mask) in enumerate(zip(batch, batch_masks(batch, augment, masks))):
+            # clone: do not keep the whole batch's storage alive
+            cache.put(record, latents[i].clone(), None if flipped is None else flipped[i].clone(), mask)
     dataset.latent_cache = cache
     return cache

@@ -117,7 +117,9 @@ DATASET = _group("dataset", [
           supported=S),
     _flag("flip_aug", "mirror each sample with probability 0.5 (cached latents: both sides are cached)",
           supported=S),
-    _opt("face_crop_aug_range", str, None, "face-centred crop augmentation range, e.g. 2.0,4.0"),
+    _opt("face_crop_aug_range", str, None,
+         "e.g. 2.0,4.0: crop images named name_cx_cy_w_h around the face, 2 to 4 face sizes per short side",
+         supported=S),
     _flag("random_crop", "random crop instead of centre crop", supported=S),
     _flag("debug_dataset", "list the first batches' samples and captions instead of training", supported=S),
     _opt("resolution", str, None, "training resolution: SIZE or WIDTH,HEIGHT", supported=S),
@@ -134,9 +136,11 @@ DATASET = _group("dataset", [
     _opt("resize_interpolation", str, None,
          "resize filter (default: area when shrinking, lanczos when enlarging)",
          choices=("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"), supported=S),
-    _opt("token_warmup_min", int, 1, "start training with this many caption tags"),
-    _opt("token_warmup_step", float, 0, "reach full caption length after N steps (N<1: ratio of the total)"),
-    _flag("alpha_mask", "use the image alpha channel as a loss mask"),
+    _opt("token_warmup_min", int, 1, "start training with this many caption tags", supported=S),
+    _opt("token_warmup_step", float, 0, "reach full caption length after N steps (N<1: ratio of the total)",
+         supported=S),
+    _flag("alpha_mask", "use the image alpha channel as a loss mask (transparent = ignored; see --masked_loss_*)",
+          supported=S),
     _opt("dataset_class", str, None, "custom dataset class as package.module.Class"),
     _opt("caption_dropout_rate", float, 0.0, "probability of dropping a whole caption", supported=S),
     _opt("caption_dropout_every_n_epochs", int, 0, "drop every caption every N epochs", supported=S),
@@ -242,7 +246,9 @@ TRAINING = _group("training", [
 
 MASKED_LOSS = _group("masked_loss", [
     _opt("conditioning_data_dir", str, None, "folder of mask images"),
-    _flag("masked_loss", "weight the loss by a mask"),
+    _flag("masked_loss", "weight the loss by the <stem>-masklabel.png next to each image (white = learn, "
+          "black = ignore; see --masked_loss_*); with --alpha_mask, images without one use their alpha",
+          supported=S),
 ])
 
 # inert: every deepspeed detail is read only with --deepspeed, refused
@@ -333,6 +339,13 @@ SDTUNE = _group("sdtune", [
            action="store_true", supported=S, kohya=False),
     Option("skip_bad_images", bool, False, "leave out unreadable or truncated images, listed in one warning, "
            "instead of stopping before training", action="store_true", supported=S, kohya=False),
+    # OneTrainer's masked-training knobs, for --masked_loss and --alpha_mask; 0, 0 and off give kohya's loss
+    Option("masked_loss_unmasked_weight", float, 0.1, "loss weight outside the mask (the mask is raised to at "
+           "least this; 0: masked-out areas teach nothing, as kohya)", supported=S, kohya=False),
+    Option("masked_loss_unmasked_probability", float, 0.1, "share of samples trained without their mask "
+           "(0: always masked, as kohya)", supported=S, kohya=False),
+    Option("masked_loss_normalize", bool, False, "divide each sample's masked loss by its mask's mean weight, "
+           "so small masked areas teach as much as large ones", action="store_true", supported=S, kohya=False),
 ])
 
 OPTIONS: tuple[Option, ...] = tuple(

@@ -178,7 +178,15 @@ class Run:
             prediction = fam.predict(noisy.to(self.weight_dtype), timesteps, text_embeds)
         target = losses.training_target(fam.noise_scheduler, latents, noise, timesteps, fam.v_prediction)
         weights = losses.prior_loss_weights(batch["is_reg"], self.cfg.prior_loss_weight)
-        return losses.weighted_mean(losses.diffusion_loss(prediction, target), weights)
+        return losses.weighted_mean(self._per_sample_loss(prediction, target, batch.get("masks")), weights)
+
+    def _per_sample_loss(self, prediction, target, masks) -> torch.Tensor:
+        """Plain per-sample MSE, or masked (--masked_loss / --alpha_mask; see losses.masked_diffusion_loss)."""
+        if masks is None:
+            return losses.diffusion_loss(prediction, target)
+        cfg = self.cfg
+        return losses.masked_diffusion_loss(prediction, target, masks, cfg.masked_loss_unmasked_weight,
+                                            cfg.masked_loss_normalize)
 
     def train(self) -> list[float]:
         """Run all steps; returns the per-step losses (tests read them)."""

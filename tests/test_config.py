@@ -34,7 +34,8 @@ def error_of(argv) -> str:
 def test_kohya_train_network_flag_count_is_193():
     kohya = [o for o in OPTIONS if o.kohya and "train_network" in o.scripts]
     assert len(kohya) == 193
-    assert [o.name for o in OPTIONS if not o.kohya] == ["unsafe_load_ckpt", "skip_bad_images"]
+    assert [o.name for o in OPTIONS if not o.kohya] == ["unsafe_load_ckpt", "skip_bad_images", "masked_loss_unmasked_weight",
+                                                     "masked_loss_unmasked_probability", "masked_loss_normalize"]
     assert len({o.name for o in OPTIONS}) == len(OPTIONS)
 
 
@@ -76,7 +77,7 @@ def test_every_default_survives_its_own_conversion(opt):
 
 def test_default_config_holds_every_option():
     cfg = default_config()
-    assert len(vars(cfg)) == 195  # 193 kohya options + unsafe_load_ckpt + skip_bad_images
+    assert len(vars(cfg)) == 198  # 193 kohya options + unsafe_load_ckpt, skip_bad_images, 3 masked_loss_*
     assert (cfg.train_batch_size, cfg.caption_extension, cfg.min_bucket_reso, cfg.max_bucket_reso) == (1, ".caption", 256, 1024)
     assert (cfg.bucket_reso_steps, cfg.cache_latents, cfg.network_args, cfg.unsafe_load_ckpt) == (64, False, None, False)
     assert vars(parse_args([])) == vars(cfg)

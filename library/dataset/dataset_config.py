@@ -318,6 +318,7 @@ class DatasetGroup:
         self.epoch = 0
         self._latent_cache = None
         self._order = self._plan(0)
+        self.clock = None  # set by build_dataset: the group's batch index gives the optimizer step
 
     def _plan(self, epoch: int) -> list[tuple[int, int]]:
         order = [(d, j) for d, dataset in enumerate(self.datasets) for j in range(len(dataset))]
@@ -339,7 +340,7 @@ class DatasetGroup:
             if epoch != self.epoch:
                 self.set_epoch(epoch)
         d, j = self._order[index]
-        return self.datasets[d][(self.epoch, j)]
+        return self.datasets[d][(self.epoch, j, self.clock.step(self.epoch, index) if self.clock else 0)]
 
     @property
     def records(self) -> list:
@@ -358,6 +359,11 @@ class DatasetGroup:
     def augment(self):
         """The same for every dataset: augmentations come from the command line only (see OFF_VALUES)."""
         return self.datasets[0].augment
+
+    @property
+    def masks(self):
+        """The same for every dataset too: mask options come from the command line only."""
+        return self.datasets[0].masks
 
     @property
     def latent_cache(self):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from library.dataset.captions import normalize_extension, read_caption
 from library.dataset.image_check import image_problem
+from library.dataset.masks import is_mask_file
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def list_images(folder: str) -> list[str]:
         os.path.join(folder, n)
         for n in names
         if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(folder, n))
+        and not is_mask_file(n)  # OneTrainer's <stem>-masklabel.png belongs to <stem>'s image
     ]
 
 

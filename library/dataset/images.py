@@ -7,6 +7,7 @@ in practice (JPEG, WebP, TIFF): for those, PIL opens the header (~0.1 ms), the r
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 
@@ -84,13 +85,15 @@ class Augmentation:
 
     `flip` mirrors half of the samples, `color` is kohya's weak colour jitter (color_aug), `random_crop`
     cuts a random bucket-sized window instead of the centred one, `interpolation` overrides the resize
-    filter (None: area average when shrinking, Lanczos when enlarging, as kohya).
+    filter (None: area average when shrinking, Lanczos when enlarging, as kohya), `face_crop_range`
+    (face_crop_aug_range) crops images named with face coordinates around the face (see face_crop_window).
     """
 
     flip: bool = False
     color: bool = False
     random_crop: bool = False
     interpolation: str | None = None
+    face_crop_range: tuple[float, float] | None = None
 
     @classmethod
     def from_cfg(cls, cfg) -> "Augmentation":
@@ -98,15 +101,43 @@ class Augmentation:
         if interpolation is not None and interpolation not in INTERPOLATIONS:
             raise UserError(f"--resize_interpolation {interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
         return cls(bool(getattr(cfg, "flip_aug", False)), bool(getattr(cfg, "color_aug", False)),
-                   bool(getattr(cfg, "random_crop", False)), interpolation)
+                   bool(getattr(cfg, "random_crop", False)), interpolation,
+                   parse_face_crop_range(getattr(cfg, "face_crop_aug_range", None)))
 
     @property
     def changes_pixels_per_sample(self) -> bool:
         """True when one image gives other pixels at each draw, so latents encoded once cannot stand in."""
-        return self.color or self.random_crop
+        return self.color or self.random_crop or self.face_crop_range is not None
 
 
 PLAIN = Augmentation()
+
+
+def parse_face_crop_range(value) -> tuple[float, float] | None:
+    """--face_crop_aug_range "2.0,4.0" (or a TOML [2.0, 4.0]) -> (2.0, 4.0); None or "" -> None."""
+    if value is None or value == "":
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        low, high = (float(part) for part in parts)
+    except (TypeError, ValueError):
+        raise UserError(f"--face_crop_aug_range {value!r}: expected two numbers, e.g. 2.0,4.0") from None
+    if not 0 < low <= high:
+        raise UserError(f"--face_crop_aug_range {value!r}: expected 0 < low <= high, e.g. 2.0,4.0")
+    return (low, high)
+
+
+def face_box(path: str) -> tuple[int, int, int, int] | None:
+    """(centre x, centre y, width, height) of the face from kohya's face-crop file naming
+    `name_cx_cy_w_h.png` (pixels of the image as seen), or None when the name does not carry one."""
+    parts = os.path.splitext(os.path.basename(path))[0].split("_")
+    if len(parts) < 5:
+        return None
+    try:
+        cx, cy, width, height = (int(part) for part in parts[-4:])
+    except ValueError:
+        return None
+    return (cx, cy, width, height) if cx > 0 and max(width, height) > 0 else None
 
 
 def resample_filter(interpolation: str | None, shrinking: bool) -> Image.Resampling:
@@ -123,6 +154,35 @@ def random_crop_offsets(resized: Size, bucket: Size, rng: random.Random) -> tupl
     left = rng.randint(0, max(0, resized[0] - bucket[0]))
     top = rng.randint(0, max(0, resized[1] - bucket[1]))
     return (left, top)
+
+
+def face_crop_window(size: Size, face: tuple[int, int, int, int], bucket: Size, crop_range: tuple[float, float],
+                     random_crop: bool, rng: random.Random) -> tuple[Size, tuple[int, int]]:
+    """kohya's face crop (crop_target): the size to resize the image to and the (left, top) of the
+    bucket-sized window, so that the bucket's short side is `factor` face sizes, factor drawn uniformly
+    from crop_range. The scale never enlarges (kohya) unless the image must grow to cover the bucket
+    (kohya stops there instead); the window is centred on the face, jittered by up to 1/20 of the face
+    for a range and a face of at least 40 px and a tenth of the short side, or with random_crop shifted
+    by a triangular draw that often shows background. Heights are drawn before widths, as kohya does.
+    """
+    (width, height), (cx, cy, face_w, face_h) = size, face
+    face_size, short = max(face_w, face_h), min(bucket)
+    cover = max(bucket[0] / width, bucket[1] / height)
+    low = max(cover, min(1.0, short / (face_size * crop_range[1])))
+    high = max(low, min(1.0, short / (face_size * crop_range[0])))
+    scale = low if low >= high else rng.uniform(low, high)
+    resized = (max(bucket[0], int(width * scale + 0.5)), max(bucket[1], int(height * scale + 0.5)))
+    starts = {}
+    for axis, target, length, centre in ((1, bucket[1], resized[1], int(cy * scale + 0.5)),
+                                         (0, bucket[0], resized[0], int(cx * scale + 0.5))):
+        start = centre - target // 2
+        if random_crop:
+            reach = max(length - centre, centre)
+            start += rng.randint(0, reach) + rng.randint(0, reach) - reach
+        elif crop_range[0] != crop_range[1] and face_size > short // 10 and face_size >= 40:
+            start += rng.randint(-face_size // 20, face_size // 20)
+        starts[axis] = max(0, min(start, length - target))
+    return resized, (starts[0], starts[1])
 
 
 def resize_and_crop(image: Image.Image, resized: Size, bucket: Size, interpolation: str | None = None,
@@ -175,11 +235,18 @@ def load_pixels(path: str, resized: Size, bucket: Size, augment: Augmentation = 
                 rng: random.Random | None = None, flip: bool = False) -> torch.Tensor:
     """The training pixels of one image in [-1, 1]: decoded, resized, cropped to `bucket`, then (kohya's
     order) colour-augmented and mirrored. `rng` draws the crop window and the colour change; it is needed
-    when augment.random_crop or augment.color is on. Whether to flip is the caller's draw."""
+    when augment.random_crop, augment.color or augment.face_crop_range is on. With face_crop_range, an
+    image named with face coordinates is resized and cut by face_crop_window instead. Whether to flip
+    is the caller's draw."""
     if augment.changes_pixels_per_sample and rng is None:
-        raise ValueError("random_crop and color_aug need a random source")
-    offsets = random_crop_offsets(resized, bucket, rng) if augment.random_crop else None
-    image = resize_and_crop(load_rgb(path), resized, bucket, augment.interpolation, offsets)
+        raise ValueError("random_crop, color_aug and face_crop_aug_range need a random source")
+    face = face_box(path) if augment.face_crop_range else None
+    image = load_rgb(path)
+    if face is not None:
+        resized, offsets = face_crop_window(image.size, face, bucket, augment.face_crop_range, augment.random_crop, rng)
+    else:
+        offsets = random_crop_offsets(resized, bucket, rng) if augment.random_crop else None
+    image = resize_and_crop(image, resized, bucket, augment.interpolation, offsets)
     if augment.color:
         image = color_aug(image, rng)
     if flip:

@@ -18,7 +18,9 @@ import torch
 from library.dataset import buckets as bk
 from library.dataset.captions import CaptionOptions, process_caption, tag_frequency
 from library.dataset.folders import Subset, discover_subsets
-from library.dataset.images import PLAIN, Augmentation, image_size, load_pixels
+from library.dataset.images import PLAIN, Augmentation, image_size, load_pixels, random_crop_offsets
+from library.dataset.masks import NO_MASKS, MaskSource, full_mask, latent_mask
+from library.dataset.report import schedule_length
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -116,6 +118,24 @@ def plan_batches(records: list[ImageRecord], batch_size: int, rng: random.Random
     return batches
 
 
+@dataclass(frozen=True)
+class StepClock:
+    """Which optimizer step batch i of an epoch trains in, worked out in any process from (epoch, i).
+
+    The trainer steps once per `accumulation` batches and once more at an epoch's end when they do not
+    divide it (accelerate syncs the gradients of the last batch), so an epoch holds
+    ceil(batches / accumulation) steps. max_train_steps turns a token_warmup_step ratio into steps.
+    """
+
+    batches_per_epoch: int
+    accumulation: int = 1
+    max_train_steps: int = 0
+
+    def step(self, epoch: int, index: int) -> int:
+        steps_per_epoch = -(-self.batches_per_epoch // self.accumulation)
+        return epoch * steps_per_epoch + index // self.accumulation
+
+
 def balance_reg_records(num_train_images: int, reg: list[ImageRecord]) -> list[ImageRecord]:
     """The regularisation images of one epoch, with repeats set so they match the train images (kohya).
 
@@ -156,6 +176,8 @@ class TrainDataset:
     """Batches of one epoch. `dataset[i]` is batch i: a dict of images or latents, captions, is_reg, flipped."""
 
     augment: Augmentation = PLAIN  # set from the options by whoever builds the dataset (see build_dataset)
+    masks: MaskSource = NO_MASKS  # likewise; items carry latent-size loss masks when it is enabled
+    clock: StepClock | None = None  # set by build_dataset; None: every batch counts as step 0
 
     def __init__(self, subsets: list[Subset], records: list[ImageRecord], settings: BucketSettings,
                  batch_size: int, seed: int, caption_options: CaptionOptions = CaptionOptions()):
@@ -177,15 +199,18 @@ class TrainDataset:
     def __len__(self) -> int:
         return len(self._batches)
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+    def __getitem__(self, index: int | tuple) -> dict:
+        step = 0
         if isinstance(index, tuple):  # (epoch, i) from EpochSampler: a worker process follows the epoch itself
-            epoch, index = index
+            epoch, index, *group_step = index  # a DatasetGroup adds the step: its i is not this dataset's
             if epoch != self.epoch:
                 self.set_epoch(epoch)
+            step = group_step[0] if group_step else self.clock.step(epoch, index) if self.clock else 0
         members = [self.records[i] for i in self._batches[index]]
         rngs = [self._image_rng(index, position) for position in range(len(members))]
         flipped = [self.augment.flip and rng.random() < 0.5 for rng in rngs]  # drawn first: same with a cache
         images = latents = None
+        masks = self._masks(members, rngs, flipped, index) if self.masks.enabled else None
         if self.latent_cache is not None:
             latents = torch.stack([self._latents(r, flip) for r, flip in zip(members, flipped)])
         else:
@@ -194,11 +219,45 @@ class TrainDataset:
         return {
             "images": images,
             "latents": latents,
-            "captions": [self._caption(r, index, position) for position, r in enumerate(members)],
+            "captions": [self._caption(r, index, position, step) for position, r in enumerate(members)],
             "is_reg": torch.tensor([r.is_reg for r in members], dtype=torch.bool),
             "flipped": torch.tensor(flipped, dtype=torch.bool),
             "image_paths": [r.path for r in members],
+            "masks": masks,
         }
+
+    def _masks(self, members: list[ImageRecord], rngs: list[random.Random], flipped: list[bool],
+               index: int) -> torch.Tensor:
+        """Latent-size loss masks (B, 1, h, w), aligned with the pixels or latents of the same occurrences."""
+        masks = []
+        for position, (record, rng, flip) in enumerate(zip(members, rngs, flipped)):
+            drop_rng = random.Random(f"{self.seed}:{self.epoch}:{index}:{position}:mask")
+            if self.masks.drops_mask(drop_rng):
+                masks.append(full_mask(record.bucket))
+            elif self.latent_cache is not None:
+                masks.append(self._cached_mask(record, flip))
+            else:
+                masks.append(self._mask(record, rng, flip))
+        return torch.stack(masks)
+
+    def _mask(self, record: ImageRecord, rng: random.Random, flip: bool) -> torch.Tensor:
+        """The mask cut as load_pixels will cut the image: it draws the crop window first from the same
+        stream, so a copy of the stream (taken before the pixels are loaded) gives the same window."""
+        offsets = None
+        if self.augment.random_crop:
+            replay = random.Random()
+            replay.setstate(rng.getstate())
+            offsets = random_crop_offsets(record.resized, record.bucket, replay)
+        return latent_mask(self.masks, record.path, record.size, record.resized, record.bucket,
+                           self.augment.interpolation, offsets, flip)
+
+    def _cached_mask(self, record: ImageRecord, flip: bool) -> torch.Tensor:
+        """The cached (unflipped) latent-size mask; mirrored at latent size for a flipped occurrence
+        (area averages of whole latent cells commute with the mirror)."""
+        mask = self.latent_cache.get_mask(record.path)
+        if mask is None:
+            return full_mask(record.bucket)
+        return torch.flip(mask, dims=[-1]) if flip else mask
 
     def _image_rng(self, index: int, position: int) -> random.Random:
         """The random source of one occurrence's pixels (flip, crop window, colour): like the caption's,
@@ -209,10 +268,13 @@ class TrainDataset:
         """Cached latents of the record; those of its mirror image when this occurrence is flipped."""
         return self.latent_cache.get(record.path, flipped=True) if flip else self.latent_cache.get(record.path)
 
-    def _caption(self, record: ImageRecord, index: int, position: int) -> str:
-        """The record's caption for this occurrence: its own random draw, the same in any process."""
+    def _caption(self, record: ImageRecord, index: int, position: int, step: int = 0) -> str:
+        """The record's caption for this occurrence at optimizer `step`: its own random draw, the same in
+        any process."""
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}:{position}")
-        return process_caption(record.caption, record.caption_options or self.caption_options, self.epoch, rng)
+        max_steps = self.clock.max_train_steps if self.clock else 0
+        return process_caption(record.caption, record.caption_options or self.caption_options, self.epoch, rng,
+                               step, max_steps)
 
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 1,
                       cache=None) -> None:
@@ -284,7 +346,9 @@ def build_dataset(cfg) -> TrainDataset:
 
         group = build_config_datasets(cfg)
         for dataset in group.datasets:
+            dataset.masks = MaskSource.from_cfg(cfg)
             _log_summary(dataset)
+        group.clock = make_clock(cfg, len(group))
         return group
     settings = BucketSettings.from_cfg(cfg)
     if not getattr(cfg, "train_data_dir", None):
@@ -306,8 +370,22 @@ def build_dataset(cfg) -> TrainDataset:
     seed = getattr(cfg, "seed", None) or 0
     dataset = TrainDataset(subsets, records, settings, batch_size, seed, CaptionOptions.from_cfg(cfg))
     dataset.augment = Augmentation.from_cfg(cfg)
+    dataset.masks = MaskSource.from_cfg(cfg)
+    dataset.clock = make_clock(cfg, len(dataset))
     _log_summary(dataset)
     return dataset
+
+
+def make_clock(cfg, batches_per_epoch: int) -> StepClock:
+    """The dataset's StepClock: token warmup needs the optimizer step in every DataLoader worker, and
+    with a token_warmup_step below 1 the run's length (library.dataset.report.schedule_length)."""
+    accumulation = int(getattr(cfg, "gradient_accumulation_steps", 1) or 1)
+    max_steps = 0
+    if 0 < (getattr(cfg, "token_warmup_step", 0) or 0) < 1:
+        steps_per_epoch = -(-batches_per_epoch // accumulation)
+        max_steps, _ = schedule_length(steps_per_epoch, getattr(cfg, "max_train_steps", None),
+                                       getattr(cfg, "max_train_epochs", None))
+    return StepClock(batches_per_epoch, accumulation, max_steps)
 
 
 class EpochSampler(torch.utils.data.Sampler):
