@@ -311,13 +311,7 @@ class DiskLatentCache:
     def get(self, key: str, flipped: bool = False) -> torch.Tensor:
         entry = self._entries[key]
         s = entry.suffix
-        name = (FLIPPED_KEY if flipped else "latents") + s
-        try:
-            with np.load(entry.npz) as npz:
-                raw = npz[name]
-        except _READ_ERRORS as exc:
-            raise UserError(f"latent cache {entry.npz} has no readable {name} ({type(exc).__name__}): delete "
-                            "it or run without --skip_cache_check to rebuild it") from None
+        raw = _read_array(entry.npz, (FLIPPED_KEY if flipped else "latents") + s)
         if raw.ndim != 3 or raw.shape[1:] != _latent_hw(entry.producer["bucket"]):
             raise UserError(f"latent cache {entry.npz} holds latents of shape {raw.shape}, not the bucket's: "
                             "delete it or run without --skip_cache_check to rebuild it")
@@ -328,14 +322,7 @@ class DiskLatentCache:
         entry = self._entries[key]
         if entry.mask is None or entry.mask["kind"] == "none":
             return None
-        name = _mask_key(entry)
-        try:
-            with np.load(entry.npz) as npz:
-                raw = npz[name]
-        except _READ_ERRORS as exc:
-            raise UserError(f"latent cache {entry.npz} has no readable {name} ({type(exc).__name__}): delete "
-                            "it or run without --skip_cache_check to rebuild it") from None
-        mask = torch.from_numpy(raw).float()
+        mask = torch.from_numpy(_read_array(entry.npz, _mask_key(entry))).float()
         if tuple(mask.shape) != _latent_hw(entry.producer["bucket"]):
             mask = to_latent_size(mask)
         return mask.reshape(1, *_latent_hw(entry.producer["bucket"]))
@@ -470,3 +457,13 @@ def cache_latents(dataset, encode: Callable[[torch.Tensor], torch.Tensor], batch
             cache.put(record, latents[i].clone(), None if flipped is None else flipped[i].clone(), mask)
     dataset.latent_cache = cache
     return cache
+
+
+def _read_array(npz_path: str, name: str) -> np.ndarray:
+    """One array of a cache file; a missing or unreadable one is a one-line error saying how to rebuild."""
+    try:
+        with np.load(npz_path) as npz:
+            return npz[name]
+    except _READ_ERRORS as exc:
+        raise UserError(f"latent cache {npz_path} has no readable {name} ({type(exc).__name__}): delete "
+                        "it or run without --skip_cache_check to rebuild it") from None

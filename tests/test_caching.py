@@ -21,6 +21,7 @@ from library.dataset import build_dataset
 from library.dataset import loader
 from library.errors import UserError
 from tests.conftest import train_argv
+from tests.test_dataset import make_cfg as dataset_cfg
 
 SCALE = 0.5
 
@@ -35,11 +36,7 @@ def write_image(path, size, value=0):
 
 
 def make_cfg(data_dir, **overrides):
-    values = dict(train_data_dir=str(data_dir), resolution="64", enable_bucket=True, min_bucket_reso=32,
-                  max_bucket_reso=128, bucket_reso_steps=16, bucket_no_upscale=False, train_batch_size=2,
-                  caption_extension=".caption", seed=7)
-    values.update(overrides)
-    return argparse.Namespace(**values)
+    return dataset_cfg(data_dir, **{"train_batch_size": 2, **overrides})
 
 
 @pytest.fixture
