@@ -57,8 +57,14 @@ class LatentCache(Protocol):
     def get_mask(self, key: str) -> torch.Tensor | None: ...
 
 
+def cache_key(record) -> str:
+    """What a cache files a record's latents under: its path, with its bucket when the image trains at
+    several sizes (ImageRecord.cache_key)."""
+    return getattr(record, "cache_key", record.path)
+
+
 class MemoryLatentCache:
-    """Latents in RAM, keyed by image path (and those of the mirrored image with --flip_aug, and the
+    """Latents in RAM, keyed by image path (and bucket, with several resolutions; and those of the mirrored image with --flip_aug, and the
     latent-size loss mask with masks on); float32 on the CPU."""
 
     def __init__(self) -> None:
@@ -67,8 +73,9 @@ class MemoryLatentCache:
         self._masks: dict[str, torch.Tensor] = {}
 
     def missing(self, records: list, augment: Augmentation = PLAIN, masks: MaskSource = NO_MASKS) -> list:
-        return [r for r in records if r.path not in self._latents or (augment.flip and r.path not in self._flipped)
-                or (masks.enabled and r.path not in self._masks)]
+        return [r for r in records if cache_key(r) not in self._latents
+                or (augment.flip and cache_key(r) not in self._flipped)
+                or (masks.enabled and cache_key(r) not in self._masks)]
 
     def get_mask(self, key: str) -> torch.Tensor | None:
         return self._masks.get(key)
@@ -78,11 +85,11 @@ class MemoryLatentCache:
 
     def put(self, record, latents: torch.Tensor, flipped: torch.Tensor | None = None,
             mask: torch.Tensor | None = None) -> None:
-        self._latents[record.path] = latents
+        self._latents[cache_key(record)] = latents
         if flipped is not None:
-            self._flipped[record.path] = flipped
+            self._flipped[cache_key(record)] = flipped
         if mask is not None:
-            self._masks[record.path] = mask
+            self._masks[cache_key(record)] = mask
 
     def __len__(self) -> int:
         return len(self._latents)
@@ -216,7 +223,7 @@ class DiskLatentCache:
             entry = _Entry(npz_path(record.path, record.size, self.suffix), key_suffix(record.bucket),
                            producer(record, self.vae_id, augment.flip, augment.interpolation), _stat(record.path),
                            masks.identity(record.path) if masks.enabled else None)
-            self._entries[record.path] = entry
+            self._entries[cache_key(record)] = entry
             state = self._state(record, entry)
             self.counts[state] += 1
             if state not in REUSED:
@@ -282,7 +289,7 @@ class DiskLatentCache:
             mask: torch.Tensor | None = None) -> None:
         """Write the record's latents (and its mirror image's, and its latent-size mask) with kohya's keys
         and our fingerprint, keeping other sizes' keys."""
-        entry = self._entries[record.path]
+        entry = self._entries[cache_key(record)]
         s = entry.suffix
         raw = self._raw(latents)
         arrays = _kept_arrays(entry)
@@ -447,7 +454,9 @@ def cache_latents(dataset, encode: Callable[[torch.Tensor], torch.Tensor], batch
         raise ValueError("latents cannot be cached with color_aug or random_crop")
     cache = cache if cache is not None else MemoryLatentCache()
     masks = getattr(dataset, "masks", NO_MASKS)
-    todo = cache.missing(dataset.records, augment, masks)
+    # one record per (image, size): the sizes an image trains at (dataset.variants) share a file or entry
+    unique = {cache_key(r): r for r in getattr(dataset, "variants", dataset.records)}
+    todo = cache.missing(list(unique.values()), augment, masks)
     batches = plan_cache_batches(todo, max(1, int(batch_size)))
     logger.info("caching latents of %d images in %d batches", len(todo), len(batches))
     for batch in tqdm(batches, desc="caching latents", smoothing=1):

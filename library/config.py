@@ -323,7 +323,9 @@ def cross_check(cfg: argparse.Namespace) -> None:
     if cfg.use_8bit_adam and cfg.optimizer_type:
         raise UserError(f"--use_8bit_adam and --optimizer_type {cfg.optimizer_type} both given: keep one")
     if cfg.resolution is not None:
-        parse_resolution(cfg.resolution)
+        from library.dataset.buckets import is_multires, parse_resolutions
+
+        parse_resolutions(cfg.resolution) if is_multires(cfg.resolution) else parse_resolution(cfg.resolution)
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "bucket_reso_steps",
                  "vae_batch_size"):
         _at_least(cfg, name, 1, optional=False)

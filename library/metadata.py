@@ -175,6 +175,10 @@ def resolution_pair(value: Any, option: str = "resolution") -> tuple[int, int] |
         return None
     if isinstance(value, int):
         return (value, value)
+    from library.dataset.buckets import is_multires, parse_resolutions
+
+    if is_multires(value):  # multi-resolution training is recorded at its largest size
+        return max(parse_resolutions(value), key=lambda size: size[0] * size[1])
     parts = value.split(",") if isinstance(value, str) else list(value)
     try:
         numbers = tuple(int(str(p).strip()) for p in parts)

@@ -122,7 +122,8 @@ DATASET = _group("dataset", [
          supported=S),
     _flag("random_crop", "random crop instead of centre crop", supported=S),
     _flag("debug_dataset", "list the first batches' samples and captions instead of training", supported=S),
-    _opt("resolution", str, None, "training resolution: SIZE or WIDTH,HEIGHT", supported=S),
+    _opt("resolution", str, None, "training resolution: SIZE, WIDTH,HEIGHT, or square sizes to train "
+         "at in turn (384,512,640 or multires:512,640)", supported=S),
     _flag("cache_latents", "encode every image once and keep the latents in memory", supported=S),
     _opt("vae_batch_size", int, 1, "batch size when caching latents", supported=S),
     _flag("cache_latents_to_disk", "cache latents in kohya's .npz files next to the images (implies --cache_latents)",

@@ -224,7 +224,7 @@ def test_missing_config_file(tmp_path):
     (["--network_train_unet_only", "--network_train_text_encoder_only"], "--network_train_unet_only and"),
     (["--use_8bit_adam", "--optimizer_type", "AdamW"], "--use_8bit_adam and --optimizer_type AdamW both given"),
     (["--resolution", "512x512"], "--resolution '512x512': expected SIZE or WIDTH,HEIGHT"),
-    (["--resolution", "512,512,512"], "--resolution '512,512,512': expected SIZE or WIDTH,HEIGHT"),
+    (["--resolution", "512,512,512"], "--resolution '512,512,512': sizes must be positive and different"),
     (["--train_batch_size", "0"], "--train_batch_size 0: must be at least 1"),
     (["--clip_skip", "0"], "--clip_skip 0: must be at least 1"),
     (["--min_bucket_reso", "1024", "--max_bucket_reso", "512"], "--min_bucket_reso 1024 is above"),

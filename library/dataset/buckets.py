@@ -37,6 +37,35 @@ def parse_resolution(value) -> Size:
     return (sizes[0], sizes[-1])
 
 
+MULTIRES_PREFIX = "multires:"
+
+
+def is_multires(value) -> bool:
+    """Whether a --resolution value is written as a list of sizes (three or more, or "multires:...")."""
+    text = value.strip().lower() if isinstance(value, str) else ""
+    return text.startswith(MULTIRES_PREFIX) or text.count(",") >= 2
+
+
+def parse_resolutions(value) -> list[Size]:
+    """`--resolution` to the list of training sizes, for multi-resolution training.
+
+    One number is a square, two are kohya's "WIDTH,HEIGHT" (one size); three or more are a list of
+    square sizes ("384,512,640"), and "multires:512,640" is a list of squares of any length. An int or a
+    1-2 item list (TOML) keeps its single-size meaning.
+    """
+    if not is_multires(value):
+        return [parse_resolution(value)]
+    text = value.strip()
+    body = text[len(MULTIRES_PREFIX):] if text.lower().startswith(MULTIRES_PREFIX) else text
+    try:
+        sides = [int(p.strip()) for p in body.split(",")]
+    except ValueError:
+        raise UserError(f"--resolution {value!r}: expected square sizes in pixels, e.g. multires:512,640") from None
+    if min(sides) <= 0 or len(set(sides)) != len(sides):
+        raise UserError(f"--resolution {value!r}: sizes must be positive and different, e.g. 384,512,640")
+    return [(side, side) for side in sides]
+
+
 def make_bucket_resolutions(max_reso: Size, min_size: int = 256, max_size: int = 1024, divisible: int = 64) -> list[Size]:
     """All bucket sizes of about max_reso's area, sorted; sides are multiples of `divisible`.
 

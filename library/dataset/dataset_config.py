@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from library.dataset.buckets import parse_resolutions
 from library.dataset.captions import CaptionOptions, normalize_extension
 from library.dataset.folders import load_subset, warn_skipped_images
 from library.errors import UserError
@@ -63,7 +64,8 @@ OFF_VALUES = {
 NOT_BUILT_KINDS = {"metadata_file": "fine-tuning subsets (metadata_file)",
                    "conditioning_data_dir": "ControlNet subsets (conditioning_data_dir)"}
 TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-              "resolution": "a size or [width, height]", "range": "two numbers, e.g. [2.0, 4.0]"}
+              "resolution": "a size, [width, height] or a string like \"384,512,640\"",
+              "range": "two numbers, e.g. [2.0, 4.0]"}
 
 
 # --- reading and checking ----------------------------------------------------------------------------
@@ -103,6 +105,12 @@ def _check_type(kind: str, value: Any) -> Any:
     if kind == "str":
         return value if isinstance(value, str) else None
     if kind == "resolution":
+        if isinstance(value, str):  # the command line's forms: "512", "512,768", "384,512,640", "multires:..."
+            try:
+                sizes = parse_resolutions(value)
+            except UserError:
+                return None
+            return value if len(sizes) > 1 else sizes[0]
         items = [value] if is_int else value if isinstance(value, list) and len(value) in (1, 2) else []
         if items and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
             return (items[0], items[-1])
@@ -347,6 +355,10 @@ class DatasetGroup:
         return [r for dataset in self.datasets for r in dataset.records]
 
     @property
+    def variants(self) -> list:
+        return [r for dataset in self.datasets for r in dataset.variants]
+
+    @property
     def subsets(self) -> list:
         return [s for dataset in self.datasets for s in dataset.subsets]
 
@@ -376,12 +388,13 @@ class DatasetGroup:
             dataset.latent_cache = cache
 
     def cache_latents(self, encode: Callable, batch_size: int = 1, cache=None) -> None:
-        """One cache for all datasets; it is keyed by image path, so an image may have one size only."""
-        from library.caching import cache_latents
+        """One cache for all datasets; it is keyed by image path (and bucket, with several resolutions), so
+        an image may have one resized size per key only."""
+        from library.caching import cache_key, cache_latents
 
         sizes: dict[str, tuple] = {}
-        for record in self.records:
-            if sizes.setdefault(record.path, (record.bucket, record.resized)) != (record.bucket, record.resized):
+        for record in self.variants:
+            if sizes.setdefault(cache_key(record), (record.bucket, record.resized)) != (record.bucket, record.resized):
                 raise UserError(f"not supported yet: {record.path} is in two datasets at different sizes "
                                 "with --cache_latents; give those datasets the same resolution and buckets")
         cache_latents(self, encode, batch_size, cache)

@@ -38,11 +38,19 @@ class ImageRecord:
     resized: bk.Size | None = None
     ar_error: float = 0.0
     caption_options: CaptionOptions | None = None  # its subset's (--dataset_config); None: the dataset's
+    resolution: bk.Size | None = None  # multi-resolution: the training size this copy is placed at
+    image_index: int = -1  # multi-resolution: the index of its image in TrainDataset.records
+
+    @property
+    def cache_key(self) -> str:
+        """Latent caches key by image, and by bucket when an image trains at several sizes."""
+        return self.path if self.resolution is None else f"{self.path}#{self.bucket[0]}x{self.bucket[1]}"
 
 
 @dataclass(frozen=True)
 class BucketSettings:
-    """How images are sized: one fixed resolution, or aspect-ratio buckets."""
+    """How images are sized: one fixed resolution, or aspect-ratio buckets; with several `resolutions`
+    (multi-resolution training) `resolution` is the largest of them and images are placed at each."""
 
     resolution: bk.Size
     enable_bucket: bool = False
@@ -50,24 +58,44 @@ class BucketSettings:
     max_reso: int | None = None
     steps: int | None = None
     no_upscale: bool = False
+    resolutions: tuple[bk.Size, ...] = ()  # two or more: multi-resolution training
 
     @classmethod
     def from_cfg(cls, cfg) -> "BucketSettings":
         """Read and check the bucket options (kohya's checks, as one-line errors)."""
         if getattr(cfg, "resolution", None) is None:
             raise UserError("--resolution is required, e.g. --resolution 512 or --resolution 512,768")
-        resolution = bk.parse_resolution(cfg.resolution)
+        sizes = bk.parse_resolutions(cfg.resolution)
+        # the largest size stands for the run (ss_resolution, modelspec.resolution)
+        resolution, several = max(sizes, key=lambda s: s[0] * s[1]), tuple(sizes) if len(sizes) > 1 else ()
         if not getattr(cfg, "enable_bucket", False):
-            return cls(resolution)
+            return cls(resolution, resolutions=several)
         low, high = _option(cfg, "min_bucket_reso", 256), _option(cfg, "max_bucket_reso", 1024)
         steps = _option(cfg, "bucket_reso_steps", 64)
         if steps < 1 or low < 1:
             raise UserError(f"--bucket_reso_steps {steps} and --min_bucket_reso {low} must be positive")
-        if min(resolution) < low:
+        if min(min(s) for s in sizes) < steps:  # the bucket grid would round such a side down to 0
+            raise UserError(f"--resolution {cfg.resolution}: every side must be at least --bucket_reso_steps {steps}")
+        if min(min(s) for s in sizes) < low:
             raise UserError(f"--min_bucket_reso {low} is larger than --resolution {cfg.resolution}: lower it")
-        if max(resolution) > high:
+        if max(max(s) for s in sizes) > high:
             raise UserError(f"--max_bucket_reso {high} is smaller than --resolution {cfg.resolution}: raise it")
-        return cls(resolution, True, low, high, steps, bool(getattr(cfg, "bucket_no_upscale", False)))
+        return cls(resolution, True, low, high, steps, bool(getattr(cfg, "bucket_no_upscale", False)), several)
+
+    def variants(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        """What batches are planned from: the (placed) records themselves, or with several resolutions
+        one copy of each record per resolution, placed with the same bucket rules at that size."""
+        if not self.resolutions:
+            return records
+        copies = []
+        for size in self.resolutions:
+            at_size = replace(self, resolution=size, resolutions=())
+            predefined = at_size.predefined()
+            for index, record in enumerate(records):
+                copy = replace(record, resolution=size, image_index=index)
+                at_size.place(copy, predefined)
+                copies.append(copy)
+        return copies
 
     def place(self, record: ImageRecord, predefined: list[bk.Size]) -> None:
         """Set the record's bucket, resized size and aspect-ratio error."""
@@ -100,15 +128,19 @@ def epoch_rng(seed: int, epoch: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}")
 
 
-def plan_batches(records: list[ImageRecord], batch_size: int, rng: random.Random) -> list[list[int]]:
+def plan_batches(records: list[ImageRecord], batch_size: int, rng: random.Random, seed: int = 0) -> list[list[int]]:
     """Batches of record indices: each image num_repeats times, batches within one bucket, order shuffled.
 
     Buckets are filled in sorted bucket order, each bucket's entries shuffled, cut into batches of
-    `batch_size` (the last one may be short), then all batches shuffled (kohya's scheme).
+    `batch_size` (the last one may be short), then all batches shuffled (kohya's scheme). Multi-resolution
+    records (BucketSettings.variants) are grouped by (resolution, bucket) instead: see resolution_groups.
     """
-    groups: dict[bk.Size, list[int]] = {}
-    for index, record in enumerate(records):
-        groups.setdefault(record.bucket, []).extend([index] * record.num_repeats)
+    if records and records[0].resolution is not None:
+        groups = resolution_groups(records, batch_size, rng, seed)
+    else:
+        groups = {}
+        for index, record in enumerate(records):
+            groups.setdefault(record.bucket, []).extend([index] * record.num_repeats)
     batches = []
     for bucket in sorted(groups):
         members = groups[bucket]
@@ -116,6 +148,36 @@ def plan_batches(records: list[ImageRecord], batch_size: int, rng: random.Random
         batches.extend(members[start:start + batch_size] for start in range(0, len(members), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def resolution_groups(variants: list[ImageRecord], batch_size: int, rng: random.Random,
+                      seed: int) -> dict[tuple, list[int]]:
+    """Each occurrence (image, repeat) of the epoch gets one resolution: the copy of that size joins
+    the (resolution, bucket) group, so every batch has one resolution.
+
+    Images that share their bucket at every resolution are interchangeable for grouping: their
+    occurrences are shuffled together and dealt the resolutions in turn, so every resolution gets
+    1/k of them and each group has the same size in every epoch (the trainer counts the steps of an
+    epoch once). Only where k does not divide a class's occurrences are the left-over ones dealt from a
+    start fixed per (seed, class); with batch size 1 the start follows the epoch too, as any grouping
+    then gives one batch per occurrence.
+    """
+    by_image: dict[int, list[int]] = {}
+    for index, variant in enumerate(variants):
+        by_image.setdefault(variant.image_index, []).append(index)
+    classes: dict[tuple, list[list[int]]] = {}
+    for copies in by_image.values():
+        signature = tuple(variants[i].bucket for i in copies)
+        classes.setdefault(signature, []).extend([copies] * variants[copies[0]].num_repeats)
+    groups: dict[tuple, list[int]] = {}
+    for signature in sorted(classes):
+        occurrences, k = classes[signature], len(signature)
+        rng.shuffle(occurrences)
+        start = (rng if batch_size == 1 else random.Random(f"{seed}:{signature}")).randrange(k)
+        for slot, copies in enumerate(occurrences):
+            chosen = variants[copies[(start + slot) % k]]
+            groups.setdefault((chosen.resolution, chosen.bucket), []).append(copies[(start + slot) % k])
+    return groups
 
 
 @dataclass(frozen=True)
@@ -185,16 +247,17 @@ class TrainDataset:
         self.caption_options = caption_options
         self.records = records
         self.settings = settings
+        self.variants = settings.variants(records)  # the records batches index: one per resolution
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
         self.latent_cache = None  # set by cache_latents; then items carry latents instead of images
-        self._batches = plan_batches(records, batch_size, epoch_rng(seed, 0))
+        self._batches = plan_batches(self.variants, batch_size, epoch_rng(seed, 0), seed)
 
     def set_epoch(self, epoch: int) -> None:
         """Re-plan batches for `epoch`; independent of earlier calls, so a resumed run sees the same order."""
         self.epoch = epoch
-        self._batches = plan_batches(self.records, self.batch_size, epoch_rng(self.seed, epoch))
+        self._batches = plan_batches(self.variants, self.batch_size, epoch_rng(self.seed, epoch), self.seed)
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -206,7 +269,7 @@ class TrainDataset:
             if epoch != self.epoch:
                 self.set_epoch(epoch)
             step = group_step[0] if group_step else self.clock.step(epoch, index) if self.clock else 0
-        members = [self.records[i] for i in self._batches[index]]
+        members = [self.variants[i] for i in self._batches[index]]
         rngs = [self._image_rng(index, position) for position in range(len(members))]
         flipped = [self.augment.flip and rng.random() < 0.5 for rng in rngs]  # drawn first: same with a cache
         images = latents = None
@@ -254,7 +317,7 @@ class TrainDataset:
     def _cached_mask(self, record: ImageRecord, flip: bool) -> torch.Tensor:
         """The cached (unflipped) latent-size mask; mirrored at latent size for a flipped occurrence
         (area averages of whole latent cells commute with the mirror)."""
-        mask = self.latent_cache.get_mask(record.path)
+        mask = self.latent_cache.get_mask(record.cache_key)
         if mask is None:
             return full_mask(record.bucket)
         return torch.flip(mask, dims=[-1]) if flip else mask
@@ -266,7 +329,7 @@ class TrainDataset:
 
     def _latents(self, record: ImageRecord, flip: bool) -> torch.Tensor:
         """Cached latents of the record; those of its mirror image when this occurrence is flipped."""
-        return self.latent_cache.get(record.path, flipped=True) if flip else self.latent_cache.get(record.path)
+        return self.latent_cache.get(record.cache_key, flipped=flip)
 
     def _caption(self, record: ImageRecord, index: int, position: int, step: int = 0) -> str:
         """The record's caption for this occurrence at optimizer `step`: its own random draw, the same in
@@ -290,11 +353,21 @@ class TrainDataset:
             raise UserError(f"--bucket_reso_steps {steps} must be divisible by {min_steps} for this model")
 
     def bucket_counts(self) -> dict[bk.Size, int]:
-        """Images per bucket, repeats included, in sorted bucket order."""
+        """Images per bucket, repeats included, in sorted bucket order (summed over resolutions)."""
         counts: dict[bk.Size, int] = {}
-        for record in self.records:
-            counts[record.bucket] = counts.get(record.bucket, 0) + record.num_repeats
+        for (_, bucket), n in self.group_counts().items():
+            counts[bucket] = counts.get(bucket, 0) + n
         return dict(sorted(counts.items()))
+
+    def group_counts(self) -> dict[tuple, int]:
+        """Samples per (resolution, bucket) in an epoch, sorted; the resolution is None with one size.
+        Multi-resolution groups are read from epoch 0's plan: they have the same size every epoch."""
+        counts: dict[tuple, int] = {}
+        for batch in plan_batches(self.variants, self.batch_size, epoch_rng(self.seed, 0), self.seed):
+            record = self.variants[batch[0]]
+            key = (record.resolution, record.bucket)
+            counts[key] = counts.get(key, 0) + len(batch)
+        return dict(sorted(counts.items(), key=lambda item: (item[0][0] or (0, 0), item[0][1])))
 
     @property
     def info(self) -> dict:

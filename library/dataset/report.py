@@ -55,6 +55,7 @@ class BucketRow:
     short_batches: int  # 0 or 1: the last batch of a bucket that train_batch_size does not divide
     samples_in_short_batches: int
     upscaled: int  # unique images smaller than the size they are resized to
+    training_size: tuple[int, int] | None = None  # multi-resolution: the resolution the bucket belongs to
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Report:
         short = [b for b in self.buckets if b.short_batches]
         return {
             "subsets": [asdict(s) for s in self.subsets],
-            "buckets": [{**asdict(b), "resolution": list(b.resolution)} for b in self.buckets],
+            "buckets": [_bucket_dict(b) for b in self.buckets],
             "batch_size": self.batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "batches_per_epoch": self.batches_per_epoch,
@@ -133,6 +134,13 @@ def build_report(dataset, cfg, count_tokens: Callable[[str], int]) -> Report:
     )
 
 
+def _bucket_dict(row: BucketRow) -> dict:
+    """A bucket row in JSON types; training_size only with multi-resolution training."""
+    fields = {**asdict(row), "resolution": list(row.resolution)}
+    size = fields.pop("training_size")
+    return fields if size is None else {**fields, "training_size": list(size)}
+
+
 def _subset_row(subset, records) -> SubsetRow:
     """Samples are counted from the dataset's records: regularisation repeats are set there."""
     paths = set(subset.image_paths)
@@ -151,11 +159,11 @@ def _bucket_rows(dataset) -> list[BucketRow]:
     bucket is cut into batches of batch_size, so only its last batch can be short."""
     size = dataset.batch_size
     rows = []
-    for bucket, samples in dataset.bucket_counts().items():
-        members = [r for r in dataset.records if r.bucket == bucket]
+    for (resolution, bucket), samples in dataset.group_counts().items():
+        members = [r for r in dataset.variants if r.bucket == bucket and r.resolution == resolution]
         rest = samples % size
         rows.append(BucketRow(tuple(bucket), len(members), samples, math.ceil(samples / size), int(rest > 0),
-                              rest, sum(_upscaled(r) for r in members)))
+                              rest, sum(_upscaled(r) for r in members), resolution and tuple(resolution)))
     return rows
 
 
@@ -196,6 +204,10 @@ def _bucket_lines(report: Report) -> list[str]:
     rows = [[f"{b.resolution[0]}x{b.resolution[1]}", b.images, b.samples, b.batches, b.short_batches,
              b.samples_in_short_batches, b.upscaled] for b in report.buckets]
     headers = ["bucket", "images", "samples", "batches", "short", "in short", "upscaled"]
+    if any(b.training_size for b in report.buckets):  # multi-resolution: buckets listed per resolution
+        headers = ["resolution"] + headers
+        rows = [[f"{b.training_size[0]}x{b.training_size[1]}" if b.training_size else "-"] + row
+                for row, b in zip(rows, report.buckets)]
     lines = [f"Buckets (batch size {report.batch_size})"] + _table(headers, rows)
     short = [b for b in report.buckets if b.short_batches]
     if short:
