@@ -44,6 +44,7 @@ class NetworkMethod:
             info = self.network.load_weights(cfg.network_weights)
             logger.info("loaded network weights from %s: %s", cfg.network_weights, info)
         self._text_encoder = text_encoder
+        self._multiplier = 1.0
 
     def param_groups(self) -> tuple[list, list[str]]:
         """Optimizer parameter groups and a name for each (used to label learning rates in logs)."""
@@ -74,6 +75,12 @@ class NetworkMethod:
 
     def enable_gradient_checkpointing(self) -> None:
         self.network.enable_gradient_checkpointing()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        """The network's strength for the next batch (a dataset's network_multiplier); 1.0 as trained."""
+        if multiplier != self._multiplier:
+            self.network.set_multiplier(multiplier)
+            self._multiplier = multiplier
 
     def save(self, path: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
         self.network.save_weights(path, dtype, metadata)

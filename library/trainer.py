@@ -162,6 +162,7 @@ class Run:
     def step_loss(self, batch) -> torch.Tensor:
         """One batch: encode, noise, predict, compare. Returns the mean loss."""
         fam, acc = self.family, self.accelerator
+        self.method.set_multiplier(batch.get("network_multiplier", 1.0))
         latents = batch["latents"]
         if latents is None:
             with torch.no_grad():

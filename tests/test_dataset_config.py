@@ -171,7 +171,8 @@ ERRORS = [
     (SUBSET + "  metadata_file = 'm.json'\n", "not supported yet: fine-tuning subsets"),
     (SUBSET + "  alpha_mask = true\n", "not supported yet in a dataset config: alpha_mask = True"),
     (SUBSET + "  flip_aug = true\n", "datasets[0].subsets[0]: not supported yet in a dataset config: flip_aug"),
-    ("[general]\nnetwork_multiplier = 0.5\n" + SUBSET, "[general]: not supported yet in a dataset config: network_multiplier"),
+    (SUBSET + "  network_multiplier = 0.5\n",
+     "network_multiplier belongs in [general] or [[datasets]], not in [[datasets.subsets]]"),
     ("[general]\nresolution = 64\n", "no [[datasets]] table"),
     ("[[datasets]]\nresolution = 64\n", "datasets[0]: no [[datasets.subsets]]"),
     ("[[dataset]]\nresolution = 64\n", "unknown top-level key 'dataset': did you mean datasets?"),
@@ -238,3 +239,16 @@ def test_train_network_with_dataset_config(tiny_model_dir, folders, tmp_path):
         ("cats", 12), ("people", 12), ("dogs", 4)]
     assert sorted(files_under(out)) == sorted(str(out / n) for n in
                                               ("dataset_report.json", "dataset_report.txt", "lora.safetensors"))
+
+
+def test_network_multiplier_per_dataset_reaches_every_batch(folders):
+    cats, dogs = folders / "cats", folders / "dogs"
+    text = (f'[general]\nresolution = 64\nnetwork_multiplier = 0.5\n'
+            f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{cats}"\n'
+            f'[[datasets]]\nnetwork_multiplier = -1.0\n  [[datasets.subsets]]\n  image_dir = "{dogs}"\n')
+    group = build_dataset(cfg_for(folders, text))
+    assert [d.network_multiplier for d in group.datasets] == [0.5, -1.0]
+    for i in range(len(group)):
+        batch = group[(0, i)]
+        owner = group.datasets[group._order[i][0]]
+        assert batch["network_multiplier"] == owner.network_multiplier

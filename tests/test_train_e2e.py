@@ -333,3 +333,21 @@ def test_corrupt_image_mid_run_is_one_line(workers, tiny_model_dir, demo_data, t
     assert err.replace("\r", "\n").strip().splitlines()[-1] == f"error: cannot decode image {image}: image file is truncated"
     # found mid-run: only the pre-flight report was written, no model file
     assert [os.path.basename(f) for f in files_under(out)] == ["dataset_report.json", "dataset_report.txt"]
+
+
+def test_dataset_network_multiplier_is_applied_per_batch(tiny_model_dir, demo_data, tmp_path):
+    config = tmp_path / "ds.toml"
+    config.write_text(f'[general]\nresolution = 64\n[[datasets]]\nnetwork_multiplier = 0.25\n  [[datasets.subsets]]\n'
+                      f'  image_dir = "{os.path.join(demo_data, "10_shapes")}"\n  num_repeats = 1\n'
+                      f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{os.path.join(demo_data, "10_shapes")}"\n'
+                      '  num_repeats = 1\n')
+    argv = [a for a in train_argv(tiny_model_dir, "", str(tmp_path / "out")) if a not in ("--train_data_dir", "")]
+    run = Run(parse_args([*argv, "--dataset_config", str(config)]), NetworkMethod)
+    run.prepare()
+    seen = set()
+    for i in range(len(run.dataset)):
+        batch = run.dataset[(0, i)]
+        run.step_loss(batch)
+        seen.add(batch["network_multiplier"])
+        assert {lora.multiplier for lora in run.method.network.loras} == {batch["network_multiplier"]}
+    assert seen == {0.25, 1.0}

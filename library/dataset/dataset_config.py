@@ -59,7 +59,6 @@ CLI_NAMES = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 OFF_VALUES = {
     "color_aug": False, "flip_aug": False, "random_crop": False, "face_crop_aug_range": None,
     "token_warmup_min": 1, "token_warmup_step": 0, "cache_info": False, "alpha_mask": False,
-    "network_multiplier": 1.0,
 }
 NOT_BUILT_KINDS = {"metadata_file": "fine-tuning subsets (metadata_file)",
                    "conditioning_data_dir": "ControlNet subsets (conditioning_data_dir)"}
@@ -277,6 +276,9 @@ def build_config_datasets(cfg) -> "DatasetGroup":
         subsets, records = _load_subsets(specs, settings, path, where, bool(getattr(cfg, "skip_bad_images", False)))
         dataset = TrainDataset(subsets, records, settings, batch_size, seed, CaptionOptions.from_cfg(scoped))
         dataset.augment = Augmentation.from_cfg(cfg)  # per run, not per subset (see OFF_VALUES)
+        # kohya reads this key and never applies it; here each batch of the dataset trains at it
+        dataset.network_multiplier = float(next((t["network_multiplier"] for t in (table, general)
+                                                 if t.get("network_multiplier") is not None), 1.0))
         built.append(dataset)
     return DatasetGroup(built, seed)
 

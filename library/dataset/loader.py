@@ -238,6 +238,7 @@ class TrainDataset:
     """Batches of one epoch. `dataset[i]` is batch i: a dict of images or latents, captions, is_reg, flipped."""
 
     augment: Augmentation = PLAIN  # set from the options by whoever builds the dataset (see build_dataset)
+    network_multiplier: float = 1.0  # a --dataset_config dataset's network_multiplier
     masks: MaskSource = NO_MASKS  # likewise; items carry latent-size loss masks when it is enabled
     clock: StepClock | None = None  # set by build_dataset; None: every batch counts as step 0
 
@@ -285,6 +286,7 @@ class TrainDataset:
             "captions": [self._caption(r, index, position, step) for position, r in enumerate(members)],
             "is_reg": torch.tensor([r.is_reg for r in members], dtype=torch.bool),
             "flipped": torch.tensor(flipped, dtype=torch.bool),
+            "network_multiplier": self.network_multiplier,
             "image_paths": [r.path for r in members],
             "masks": masks,
         }
