@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from library import caching, losses, optim
 from library.config import parse_args, write_output_config
-from library.dataset import build_dataset, make_loader
+from library.dataset import BatchLoader, build_dataset
 from library.dataset.report import build_report, schedule_length
 from library.errors import UserError
 from library.methods import METHODS
@@ -152,7 +152,7 @@ class Run:
             # diffusers and transformers only checkpoint in training mode (SD's CLIP has no dropout)
             for model in [fam.unet, *fam.text_encoders]:
                 model.train()
-        self.loader = make_loader(self.dataset, self.cfg.max_data_loader_n_workers,
+        self.loader = BatchLoader(self.dataset, self.cfg.max_data_loader_n_workers,
                                   self.cfg.persistent_data_loader_workers)
         self.network, self.optimizer, self.lr_scheduler = acc.prepare(
             self.method.module, self.optimizer, self.lr_scheduler

@@ -22,17 +22,9 @@ from library.dataset import loader
 from library.errors import UserError
 from tests.conftest import train_argv
 from tests.test_dataset import make_cfg as dataset_cfg
+from tests.test_dataset import write_image
 
 SCALE = 0.5
-
-
-def write_image(path, size, value=0):
-    width, height = size
-    array = np.zeros((height, width, 3), dtype=np.uint8)
-    array[..., 0] = value
-    array[..., 1] = np.arange(height, dtype=np.uint8)[:, None]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(array).save(path)
 
 
 def make_cfg(data_dir, **overrides):

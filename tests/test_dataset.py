@@ -373,13 +373,13 @@ def test_demo_dataset_is_deterministic(tmp_path):
 
 
 def test_epoch_addressed_items_and_loader(two_buckets):
-    from library.dataset import make_loader
+    from library.dataset import BatchLoader
 
     dataset = build_dataset(make_cfg(two_buckets))
     by_tuple = [dataset[(1, i)]["image_paths"] for i in range(len(dataset))]
     dataset.set_epoch(1)
     assert by_tuple == [dataset[i]["image_paths"] for i in range(len(dataset))]
     dataset.set_epoch(0)
-    loader = make_loader(dataset, max_workers=0, persistent=False)
+    loader = BatchLoader(dataset, max_workers=0, persistent=False)
     loader.sampler.set_epoch(1)
     assert [b["image_paths"] for b in loader] == by_tuple

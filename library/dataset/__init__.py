@@ -1,5 +1,5 @@
 """Training data: dataset folders, captions, buckets, batches (see loader.build_dataset)."""
 
-from library.dataset.loader import TrainDataset, build_dataset, make_loader
+from library.dataset.loader import BatchLoader, TrainDataset, build_dataset
 
-__all__ = ["TrainDataset", "build_dataset", "make_loader"]
+__all__ = ["BatchLoader", "TrainDataset", "build_dataset"]

@@ -523,11 +523,6 @@ class BatchLoader:
             yield batch
 
 
-def make_loader(dataset: TrainDataset, max_workers: int | None, persistent: bool) -> BatchLoader:
-    """The loader the training loop iterates, once per epoch (see BatchLoader)."""
-    return BatchLoader(dataset, max_workers, persistent)
-
-
 def _log_summary(dataset: TrainDataset) -> None:
     info = dataset.info
     logger.info("%d images in %d folders, %d with repeats; %d batches of up to %d per epoch",
