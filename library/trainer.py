@@ -207,6 +207,7 @@ class Run:
         )
         logger.info("%d images x repeats, %d batches/epoch, %d epochs, %d steps",
                     self.dataset.info["num_train_images"], len(self.dataset), self.num_epochs, self.max_steps)
+        self._before_training()
         step_losses: list[float] = []
         self.step_times: list[float] = []
         # The context closes the bar on any exit, so an error line starts on a line of its own.
@@ -217,8 +218,7 @@ class Run:
                     acc.log({"loss/epoch": sum(epoch_losses) / len(epoch_losses)}, step=epoch + 1)
                 if len(step_losses) >= self.max_steps:
                     break
-                if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0:
-                    self.save(f"{self.output_name}-{epoch + 1:06d}", epoch + 1, len(step_losses))
+                self._after_epoch(epoch + 1, len(step_losses))
         self._log_speed()
         self.save(self.output_name, self.num_epochs, len(step_losses))
         acc.end_training()
@@ -245,6 +245,7 @@ class Run:
             accumulated.append(loss.item())
             if not acc.sync_gradients:
                 continue
+            self._after_optimizer_step()
             current = sum(accumulated) / len(accumulated)
             accumulated.clear()
             step_losses.append(current)
@@ -255,9 +256,27 @@ class Run:
             progress.update(1)
             progress.set_postfix(avr_loss=f"{average:.4f}", epoch=epoch + 1)
             acc.log(self._step_logs(current, average), step=len(step_losses))
+            self._after_step(len(step_losses), epoch + 1)
             if len(step_losses) >= self.max_steps:
                 break
         return epoch_losses
+
+    # --- hooks: each feature owns one method; the loop only calls them ----------------------------
+
+    def _before_training(self) -> None:
+        """Once, after the dataset report and before the first step."""
+
+    def _after_optimizer_step(self) -> None:
+        """After each real optimizer step (not each accumulation micro-batch), before logging."""
+
+    def _after_step(self, step: int, epoch: int) -> None:
+        """After step `step` (1-based, counted over the run) has been logged; `epoch` is 1-based."""
+
+    def _after_epoch(self, epoch: int, steps: int) -> None:
+        """After epoch `epoch` (1-based) unless it was the last one; `steps` done so far."""
+        cfg = self.cfg
+        if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
+            self.save(f"{self.output_name}-{epoch:06d}", epoch, steps)
 
     def _report_dataset(self) -> None:
         """The pre-flight report: logged, and written next to the outputs (dataset_report.txt / .json)."""
