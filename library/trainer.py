@@ -207,6 +207,7 @@ class Run:
         )
         logger.info("%d images x repeats, %d batches/epoch, %d epochs, %d steps",
                     self.dataset.info["num_train_images"], len(self.dataset), self.num_epochs, self.max_steps)
+        self.extra_logs: dict[str, float] = {}
         self._before_training()
         step_losses: list[float] = []
         self.step_times: list[float] = []
@@ -265,15 +266,53 @@ class Run:
 
     def _before_training(self) -> None:
         """Once, after the dataset report and before the first step."""
+        self._warn_rules_of_thumb()
+        self._sample_before_training()
 
     def _after_optimizer_step(self) -> None:
         """After each real optimizer step (not each accumulation micro-batch), before logging."""
+        self._scale_weight_norms()
+        self._update_ema()
 
     def _after_step(self, step: int, epoch: int) -> None:
         """After step `step` (1-based, counted over the run) has been logged; `epoch` is 1-based."""
+        self._sample_on_step(step, epoch)
+        self._save_on_step(step, epoch)
 
     def _after_epoch(self, epoch: int, steps: int) -> None:
         """After epoch `epoch` (1-based) unless it was the last one; `steps` done so far."""
+        self._text_encoder_schedule(epoch)
+        self._sample_on_epoch(epoch, steps)
+        self._save_on_epoch(epoch, steps)
+
+    # One method per feature; each is filled in by the module that owns the feature.
+
+    def _warn_rules_of_thumb(self) -> None:
+        """Warnings from the seeds' rules of thumb (library/advice.py)."""
+
+    def _sample_before_training(self) -> None:
+        """--sample_at_first (library/sampling.py)."""
+
+    def _sample_on_step(self, step: int, epoch: int) -> None:
+        """--sample_every_n_steps (library/sampling.py)."""
+
+    def _sample_on_epoch(self, epoch: int, steps: int) -> None:
+        """--sample_every_n_epochs (library/sampling.py)."""
+
+    def _scale_weight_norms(self) -> None:
+        """--scale_weight_norms: max-norm regularisation; its figures go to self.extra_logs."""
+
+    def _update_ema(self) -> None:
+        """--ema: update the moving average of the trained weights (library/ema.py)."""
+
+    def _text_encoder_schedule(self, epoch: int) -> None:
+        """Stop training the text encoder after its epochs (OneTrainer's option)."""
+
+    def _save_on_step(self, step: int, epoch: int) -> None:
+        """--save_every_n_steps and friends (library/state.py)."""
+
+    def _save_on_epoch(self, epoch: int, steps: int) -> None:
+        """--save_every_n_epochs and friends."""
         cfg = self.cfg
         if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
             self.save(f"{self.output_name}-{epoch:06d}", epoch, steps)
@@ -294,7 +333,9 @@ class Run:
                     sum(warm) / max(len(warm), 1))
 
     def _step_logs(self, current: float, average: float) -> dict:
-        logs = {"loss/current": current, "loss/average": average}
+        """This step's figures; hooks that ran since the last step may have added to extra_logs."""
+        logs = {"loss/current": current, "loss/average": average, **self.extra_logs}
+        self.extra_logs.clear()
         for name, lr in zip(self.group_names, self.lr_scheduler.get_last_lr()):
             logs[f"lr/{name}"] = lr
         return logs
