@@ -83,6 +83,20 @@ def build_optimizer(cfg, param_groups) -> torch.optim.Optimizer:
         raise UserError(f"--optimizer_args for {name}: {exc}") from None
 
 
+def train_mode(optimizer) -> None:
+    """Schedule-free optimizers keep two sets of weights and must be told when training resumes."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+    if callable(getattr(inner, "train", None)):
+        inner.train()
+
+
+def eval_mode(optimizer) -> None:
+    """Before sampling or saving: a schedule-free optimizer swaps in its averaged weights."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if callable(getattr(inner, "eval", None)):
+        inner.eval()
+
+
 def warmup_steps(cfg, total_steps: int) -> int:
     """`--lr_warmup_steps` as a step count: an integer, or a float below 1 meaning a ratio of the run."""
     value = cfg.lr_warmup_steps or 0

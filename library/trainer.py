@@ -231,6 +231,7 @@ class Run:
         self.loader.sampler.set_epoch(epoch)
         self.method.on_epoch_start()
         self.network.train()
+        optim.train_mode(self.optimizer)
         epoch_losses: list[float] = []
         accumulated = []
         started = time.perf_counter()
