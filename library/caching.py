@@ -63,6 +63,13 @@ def cache_key(record) -> str:
     return getattr(record, "cache_key", record.path)
 
 
+def options_of(record, augment: Augmentation = PLAIN, masks: MaskSource = NO_MASKS) -> tuple:
+    """(augmentation, mask source) of a record: its subset's (a dataset config sets them per subset), else
+    the ones given for the whole dataset."""
+    own_augment, own_masks = getattr(record, "augment", None), getattr(record, "masks", None)
+    return (augment if own_augment is None else own_augment), (masks if own_masks is None else own_masks)
+
+
 class MemoryLatentCache:
     """Latents in RAM, keyed by image path (and bucket, with several resolutions; and those of the mirrored image with --flip_aug, and the
     latent-size loss mask with masks on); float32 on the CPU."""
@@ -73,9 +80,12 @@ class MemoryLatentCache:
         self._masks: dict[str, torch.Tensor] = {}
 
     def missing(self, records: list, augment: Augmentation = PLAIN, masks: MaskSource = NO_MASKS) -> list:
-        return [r for r in records if cache_key(r) not in self._latents
-                or (augment.flip and cache_key(r) not in self._flipped)
-                or (masks.enabled and cache_key(r) not in self._masks)]
+        return [r for r in records if self._lacks(r, *options_of(r, augment, masks))]
+
+    def _lacks(self, record, augment: Augmentation, masks: MaskSource) -> bool:
+        key = cache_key(record)
+        return (key not in self._latents or (augment.flip and key not in self._flipped)
+                or (masks.enabled and key not in self._masks))
 
     def get_mask(self, key: str) -> torch.Tensor | None:
         return self._masks.get(key)
@@ -220,9 +230,10 @@ class DiskLatentCache:
         self.counts = dict.fromkeys(REUSED + ("missing", "stale", "unreadable"), 0)
         todo = []
         for record in tqdm(records, desc="checking latent cache files", smoothing=1):
+            aug, source = options_of(record, augment, masks)
             entry = _Entry(npz_path(record.path, record.size, self.suffix), key_suffix(record.bucket),
-                           producer(record, self.vae_id, augment.flip, augment.interpolation), _stat(record.path),
-                           masks.identity(record.path) if masks.enabled else None)
+                           producer(record, self.vae_id, aug.flip, aug.interpolation), _stat(record.path),
+                           source.identity(record.path) if source.enabled else None)
             self._entries[cache_key(record)] = entry
             state = self._state(record, entry)
             self.counts[state] += 1
@@ -271,7 +282,7 @@ class DiskLatentCache:
             return "stale"
         if entry.producer["flip"] and not _has_flipped(npz, entry.suffix, record.bucket):
             return "stale"  # kohya re-caches such a file too
-        if entry.mask is not None and entry.mask["kind"] == "masklabel":
+        if entry.mask is not None and entry.mask["kind"] not in ("alpha", "none"):
             return "stale"  # kohya stores no mask files' masks
         if entry.mask is not None and entry.mask["kind"] == "alpha" and not _has_mask(npz, entry):
             return "stale"  # kohya re-caches without alpha_mask too
@@ -405,12 +416,16 @@ def make_latent_cache(cfg, vae) -> LatentCache:
                            bool(getattr(cfg, "skip_cache_check", False)))
 
 
-def plan_cache_batches(records: list, batch_size: int) -> list[list]:
-    """Unique records in encoder batches: grouped by bucket (smallest area first), at most batch_size each."""
-    ordered = sorted(records, key=lambda r: (r.bucket[0] * r.bucket[1], r.bucket, r.path))
+def plan_cache_batches(records: list, batch_size: int, augment: Augmentation = PLAIN) -> list[list]:
+    """Unique records in encoder batches: grouped by bucket (smallest area first) and by augmentation
+    (whether the mirror image is encoded too), at most batch_size each."""
+    def group(record) -> tuple:
+        return record.bucket, options_of(record, augment)[0]
+
+    ordered = sorted(records, key=lambda r: (r.bucket[0] * r.bucket[1], r.bucket, group(r)[1].flip, r.path))
     batches: list[list] = []
     for record in ordered:
-        if batches and len(batches[-1]) < batch_size and batches[-1][0].bucket == record.bucket:
+        if batches and len(batches[-1]) < batch_size and group(batches[-1][0]) == group(record):
             batches[-1].append(record)
         else:
             batches.append([record])
@@ -418,10 +433,14 @@ def plan_cache_batches(records: list, batch_size: int) -> list[list]:
 
 
 def batch_masks(records: list, augment: Augmentation, masks: MaskSource) -> list:
-    """Each record's latent-size mask, cut as its cached latents (no random crop, not flipped); None when off."""
-    if not masks.enabled:
-        return [None] * len(records)
-    return [latent_mask(masks, r.path, r.size, r.resized, r.bucket, augment.interpolation) for r in records]
+    """Each record's latent-size mask, cut as its cached latents (no random crop, not flipped); None where
+    its mask source is off."""
+    found = []
+    for record in records:
+        aug, source = options_of(record, augment, masks)
+        found.append(latent_mask(source, record.path, record.size, record.resized, record.bucket,
+                                 aug.interpolation) if source.enabled else None)
+    return found
 
 
 def encode_batch(records: list, encode: Callable[[torch.Tensor], torch.Tensor],
@@ -446,21 +465,22 @@ def cache_latents(dataset, encode: Callable[[torch.Tensor], torch.Tensor], batch
     """Encode every image of `dataset` that `cache` cannot serve (once, not once per repeat); attach the cache.
 
     `encode` takes pixels (B, 3, H, W) in [-1, 1] and returns scaled latents (the model family's
-    encode_images). After this, dataset items carry latents and no image is decoded again. With
-    dataset.augment.flip the mirrored images are encoded too, and each occurrence picks one of the two.
+    encode_images). After this, dataset items carry latents and no image is decoded again. For records
+    whose augmentation flips (options_of: their subset's, else dataset.augment) the mirrored images are
+    encoded too, and each occurrence picks one of the two.
     """
-    augment = dataset.augment
-    if augment.changes_pixels_per_sample:  # resolve_cache_options refuses these options before this point
-        raise ValueError("latents cannot be cached with color_aug or random_crop")
-    cache = cache if cache is not None else MemoryLatentCache()
-    masks = getattr(dataset, "masks", NO_MASKS)
+    augment, masks = getattr(dataset, "augment", PLAIN), getattr(dataset, "masks", NO_MASKS)
     # one record per (image, size): the sizes an image trains at (dataset.variants) share a file or entry
     unique = {cache_key(r): r for r in getattr(dataset, "variants", dataset.records)}
+    if any(options_of(r, augment)[0].changes_pixels_per_sample for r in unique.values()):
+        # resolve_cache_options and the dataset config refuse these options before this point
+        raise ValueError("latents cannot be cached with color_aug, random_crop or face_crop_aug_range")
+    cache = cache if cache is not None else MemoryLatentCache()
     todo = cache.missing(list(unique.values()), augment, masks)
-    batches = plan_cache_batches(todo, max(1, int(batch_size)))
+    batches = plan_cache_batches(todo, max(1, int(batch_size)), augment)
     logger.info("caching latents of %d images in %d batches", len(todo), len(batches))
     for batch in tqdm(batches, desc="caching latents", smoothing=1):
-        latents, flipped = encode_batch(batch, encode, augment)
+        latents, flipped = encode_batch(batch, encode, options_of(batch[0], augment)[0])
         for i, (record, mask) in enumerate(zip(batch, batch_masks(batch, augment, masks))):
             # clone: do not keep the whole batch's storage alive
             cache.put(record, latents[i].clone(), None if flipped is None else flipped[i].clone(), mask)

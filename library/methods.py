@@ -8,11 +8,12 @@ one line in `METHODS`.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from library.config import text_encoder_lr
-from library.errors import UserError
+from library.errors import UserError, not_supported
 from networks.base import load_network_module, parse_network_args
 
 logger = logging.getLogger(__name__)
@@ -33,18 +34,54 @@ class NetworkMethod:
         # kohya hands SD1/SD2 networks the encoder itself and SDXL networks the list of both.
         encoders = family.text_encoders
         text_encoder = encoders[0] if len(encoders) == 1 else encoders
-        self.network = module.create_network(
-            1.0, cfg.network_dim, cfg.network_alpha, family.vae, text_encoder, family.unet,
-            neuron_dropout=cfg.network_dropout, **kwargs,
-        )
-        if self.network is None:
-            raise UserError(f"--network_module {cfg.network_module}: create_network returned nothing")
+        merge_base_weights(module, cfg, family, text_encoder)
+        self.network = self._create_network(module, kwargs, text_encoder)
+        self._check_network_options()
         self.network.apply_to(text_encoder, family.unet, self.train_text_encoder, self.train_unet)
         if cfg.network_weights:
             info = self.network.load_weights(cfg.network_weights)
             logger.info("loaded network weights from %s: %s", cfg.network_weights, info)
         self._text_encoder = text_encoder
         self._multiplier = 1.0
+
+    def _create_network(self, module, kwargs: dict, text_encoder):
+        """create_network from --network_dim / --network_alpha, or (--dim_from_weights) a network shaped
+        after --network_weights, whose ranks and alphas it takes per layer."""
+        cfg, family = self.cfg, self.family
+        if cfg.dim_from_weights:
+            if not cfg.network_weights:
+                raise UserError("--dim_from_weights needs --network_weights (the file whose ranks to use)")
+            if cfg.network_dropout:
+                logger.warning("--network_dropout is not applied with --dim_from_weights (as in kohya)")
+            network, _ = module.create_network_from_weights(1.0, cfg.network_weights, family.vae, text_encoder,
+                                                            family.unet, **kwargs)
+        else:
+            network = module.create_network(1.0, cfg.network_dim, cfg.network_alpha, family.vae, text_encoder,
+                                            family.unet, neuron_dropout=cfg.network_dropout, **kwargs)
+        if network is None:
+            raise UserError(f"--network_module {cfg.network_module}: create_network returned nothing")
+        return network
+
+    def _check_network_options(self) -> None:
+        """Options that need something of the network or the run, checked before anything is written."""
+        cfg, network = self.cfg, self.network
+        if cfg.scale_weight_norms is not None and cfg.scale_weight_norms < 0:
+            raise UserError(f"--scale_weight_norms {cfg.scale_weight_norms}: must be positive (0 or unset: off)")
+        if cfg.scale_weight_norms and not callable(getattr(network, "apply_max_norm_regularization", None)):
+            raise UserError(f"--scale_weight_norms: --network_module {cfg.network_module} has no "
+                            "apply_max_norm_regularization")
+        epochs = cfg.text_encoder_train_epochs
+        if epochs is None:
+            return
+        if epochs < 1:
+            raise UserError(f"--text_encoder_train_epochs {epochs}: must be at least 1 "
+                            "(to train the U-Net only, use --network_train_unet_only)")
+        if not hasattr(network, "text_encoder_loras"):
+            raise UserError(f"--text_encoder_train_epochs: --network_module {cfg.network_module} does not list "
+                            "its text_encoder_loras")
+        # DDP fixes the set of trained parameters when it wraps the network; freezing later would hang it.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise not_supported("text_encoder_train_epochs with several processes")
 
     def param_groups(self) -> tuple[list, list[str]]:
         """Optimizer parameter groups and a name for each (used to label learning rates in logs)."""
@@ -76,6 +113,23 @@ class NetworkMethod:
     def enable_gradient_checkpointing(self) -> None:
         self.network.enable_gradient_checkpointing()
 
+    def scale_weight_norms(self, max_norm: float, device) -> dict[str, float]:
+        """--scale_weight_norms after an optimizer step; returns kohya's log figures."""
+        scaled, mean, top = self.network.apply_max_norm_regularization(max_norm, device)
+        return {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean, "max_norm/max_key_norm": top}
+
+    def stop_text_encoder_training(self) -> None:
+        """Freeze the text encoder's layers of the network (--text_encoder_train_epochs) for the rest of the run.
+
+        Parameters without a gradient are skipped by optimizers, weight decay and momentum included, so
+        the layers keep their values exactly; the text encoder also runs without building a graph.
+        """
+        for lora in self.network.text_encoder_loras:
+            for param in lora.parameters():
+                param.requires_grad_(False)
+                param.grad = None  # an unfinished accumulation must not reach the next step
+        self.train_text_encoder = False
+
     def set_multiplier(self, multiplier: float) -> None:
         """The network's strength for the next batch (a dataset's network_multiplier); 1.0 as trained."""
         if multiplier != self._multiplier:
@@ -84,6 +138,25 @@ class NetworkMethod:
 
     def save(self, path: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
         self.network.save_weights(path, dtype, metadata)
+
+
+def merge_base_weights(module, cfg, family, text_encoder) -> None:
+    """--base_weights: bake each network file into the base models (times its --base_weights_multiplier,
+    1 when not given) before the trained network is applied, as kohya does, with the same network module."""
+    paths = cfg.base_weights or []
+    multipliers = cfg.base_weights_multiplier or []
+    if len(multipliers) > len(paths):
+        logger.warning("--base_weights_multiplier: %d values for %d --base_weights; the extra ones are ignored",
+                       len(multipliers), len(paths))
+    for i, path in enumerate(paths):
+        multiplier = multipliers[i] if i < len(multipliers) else 1.0
+        network, weights_sd = module.create_network_from_weights(multiplier, path, family.vae, text_encoder,
+                                                                 family.unet, for_inference=True)
+        if not network.is_mergeable():
+            raise UserError(f"--base_weights {path}: --network_module {cfg.network_module} cannot merge it")
+        # Merged on the CPU, in each weight's own dtype (the models have not moved to the device yet).
+        network.merge_to(text_encoder, family.unet, weights_sd, family.unet.dtype, "cpu")
+        logger.info("merged %s into the base model with multiplier %s", path, multiplier)
 
 
 METHODS = {"network": NetworkMethod}

@@ -79,7 +79,7 @@ LOGGING = _group("logging", [
 
 SD_MODELS = _group("sd_models", [
     _flag("v2", "the base model is Stable Diffusion 2.x"),
-    _flag("v_parameterization", "train with v-prediction targets"),
+    _flag("v_parameterization", "train with v-prediction targets", supported=S),
     _opt("pretrained_model_name_or_path", str, None,
          "base model: a .safetensors checkpoint or a diffusers folder", supported=S),
     _opt("tokenizer_cache_dir", str, None, "tokenizer cache folder (accepted; sdtune builds tokenizers offline)",
@@ -102,7 +102,8 @@ MODEL_SPEC = _group("model_spec", [
 
 DATASET = _group("dataset", [
     _opt("train_data_dir", str, None, "folder of N_concept image subfolders", supported=S),
-    _flag("cache_info", "cache captions and image sizes to speed up dataset loading"),
+    _flag("cache_info", "accepted: sdtune reads captions and image sizes afresh on every start (fast), so no "
+          "metadata_cache.json is written or read", supported=S),
     _flag("shuffle_caption", "shuffle the separated parts of each caption", supported=S),
     _opt("caption_separator", str, ",", "separator of caption parts", supported=S),
     _opt("caption_extension", str, ".caption", "extension of caption files", supported=S),
@@ -147,8 +148,10 @@ DATASET = _group("dataset", [
     _opt("caption_dropout_every_n_epochs", int, 0, "drop every caption every N epochs", supported=S),
     _opt("caption_tag_dropout_rate", float, 0.0, "probability of dropping each caption tag", supported=S),
     _opt("reg_data_dir", str, None, "folder of regularization images", supported=S),
-    _opt("in_json", str, None, "metadata JSON for fine-tuning style datasets"),
-    _opt("dataset_repeats", int, 1, "repeats of a metadata-JSON dataset"),
+    _opt("in_json", str, None, "kohya's fine-tuning metadata JSON (captions / tags per image key); the images "
+         "are under --train_data_dir", supported=S),
+    _opt("dataset_repeats", int, 1, "repeats of an --in_json dataset (and of dataset-config subsets without "
+         "num_repeats)", supported=S),
 ])
 
 TRAINING = _group("training", [
@@ -165,21 +168,21 @@ TRAINING = _group("training", [
     _flag("async_upload", "upload in the background"),
     _opt("save_precision", str, None, "dtype of saved weights", choices=(None, "float", "fp16", "bf16"), supported=S),
     _opt("save_every_n_epochs", int, None, "also save after every N epochs", supported=S),
-    _opt("save_every_n_steps", int, None, "also save after every N steps"),
-    _opt("save_n_epoch_ratio", int, None, "save at least N times over the run"),
-    _opt("save_last_n_epochs", int, None, "keep only the last N epoch saves"),
-    _opt("save_last_n_epochs_state", int, None, "keep only the last N epoch states"),
-    _opt("save_last_n_steps", int, None, "keep step saves for the last N steps"),
-    _opt("save_last_n_steps_state", int, None, "keep step states for the last N steps"),
-    _flag("save_state", "save the training state (optimizer etc.) with each save"),
-    _flag("save_state_on_train_end", "save the training state when training ends"),
-    _opt("resume", str, None, "training state folder to resume from"),
+    _opt("save_every_n_steps", int, None, "also save after every N steps", supported=S),
+    _opt("save_n_epoch_ratio", int, None, "save at least N times over the run", supported=S),
+    _opt("save_last_n_epochs", int, None, "keep only the last N epoch saves", supported=S),
+    _opt("save_last_n_epochs_state", int, None, "keep only the last N epoch states", supported=S),
+    _opt("save_last_n_steps", int, None, "keep step saves for the last N steps", supported=S),
+    _opt("save_last_n_steps_state", int, None, "keep step states for the last N steps", supported=S),
+    _flag("save_state", "save the training state (optimizer etc.) with each save", supported=S),
+    _flag("save_state_on_train_end", "save the training state when training ends", supported=S),
+    _opt("resume", str, None, "training state folder to resume from (continues exactly at its step)", supported=S),
     _opt("train_batch_size", int, 1, "images per batch", supported=S),
     _opt("max_token_length", int, None, "caption token limit (75 when unset)",
          choices=(None, 75, 150, 225), supported=S),  # 75 is not kohya's, but kohya_ss GUI files hold it
     _flag("mem_eff_attn", "kohya's memory-efficient attention"),
-    _flag("torch_compile", "compile the model with torch.compile"),
-    # inert: read only with --torch_compile, refused; "no" is what kohya_ss GUI files hold
+    _flag("torch_compile", "compile the U-Net with torch.compile", supported=S),
+    # "no" is what kohya_ss GUI files hold: with --torch_compile it compiles nothing, as in kohya
     _opt("dynamo_backend", str, "inductor", "torch.compile backend",
          choices=("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
                   "fx2trt", "onnxrt", "tensort", "ipex", "tvm", "no"), supported=S),
@@ -194,9 +197,10 @@ TRAINING = _group("training", [
     _flag("gradient_checkpointing", "recompute activations in backward to save memory", supported=S),
     _opt("gradient_accumulation_steps", int, 1, "batches per optimizer step", supported=S),
     _opt("mixed_precision", str, "no", "autocast dtype", choices=("no", "fp16", "bf16"), supported=S),
-    _flag("full_fp16", "train in fp16 including gradients"),
-    _flag("full_bf16", "train in bf16 including gradients"),
-    _flag("fp8_base", "keep the base model in fp8"),
+    _flag("full_fp16", "train the network in fp16 including gradients (needs --mixed_precision fp16)", supported=S),
+    _flag("full_bf16", "train the network in bf16 including gradients (needs --mixed_precision bf16)", supported=S),
+    _flag("fp8_base", "store the base U-Net and text encoders in fp8, computed in the mixed-precision dtype",
+          supported=S),
     _opt("ddp_timeout", int, None, "distributed timeout in minutes"),
     _flag("ddp_gradient_as_bucket_view", "DDP gradient_as_bucket_view"),
     _flag("ddp_static_graph", "DDP static_graph"),
@@ -210,30 +214,32 @@ TRAINING = _group("training", [
     _opt("log_tracker_config", str, None, "tracker settings file"),
     _opt("wandb_api_key", str, None, "wandb API key"),
     _flag("log_config", "log the training options to the tracker"),
-    _opt("noise_offset", float, None, "noise offset strength (about 0.1)"),
-    _flag("noise_offset_random_strength", "random noise offset strength between 0 and --noise_offset"),
-    _opt("multires_noise_iterations", int, None, "multi-resolution noise iterations (6 to 10)"),
-    _opt("ip_noise_gamma", float, None, "input perturbation noise strength (about 0.1)"),
-    _flag("ip_noise_gamma_random_strength", "random perturbation strength between 0 and --ip_noise_gamma"),
-    # inert: read only with --multires_noise_iterations, refused
+    _opt("noise_offset", float, None, "noise offset strength (about 0.1)", supported=S),
+    _flag("noise_offset_random_strength", "random noise offset strength between 0 and --noise_offset",
+          supported=S),
+    _opt("multires_noise_iterations", int, None, "multi-resolution noise iterations (6 to 10)", supported=S),
+    _opt("ip_noise_gamma", float, None, "input perturbation noise strength (about 0.1)", supported=S),
+    _flag("ip_noise_gamma_random_strength", "random perturbation strength between 0 and --ip_noise_gamma",
+          supported=S),
     _opt("multires_noise_discount", float, 0.3, "multi-resolution noise discount", supported=S),
-    _opt("adaptive_noise_scale", float, None, "add mean |latent| times this to the noise offset"),
-    _flag("zero_terminal_snr", "rescale the noise schedule to zero terminal SNR"),
-    _opt("min_timestep", int, None, "smallest timestep sampled (0..999)"),
-    _opt("max_timestep", int, None, "largest timestep sampled, exclusive (1..1000)"),
-    _opt("loss_type", str, "l2", "loss function", choices=("l1", "l2", "huber", "smooth_l1")),
-    # inert: the huber_* settings are read only with a huber / smooth_l1 loss, refused
+    _opt("adaptive_noise_scale", float, None, "add mean |latent| times this to the noise offset", supported=S),
+    _flag("zero_terminal_snr", "rescale the noise schedule to zero terminal SNR", supported=S),
+    _opt("min_timestep", int, None, "smallest timestep sampled (0..999)", supported=S),
+    _opt("max_timestep", int, None, "largest timestep sampled, exclusive (1..1000)", supported=S),
+    _opt("loss_type", str, "l2", "loss function", choices=("l1", "l2", "huber", "smooth_l1"), supported=S),
+    # read only with --loss_type huber / smooth_l1
     _opt("huber_schedule", str, "snr", "Huber parameter schedule", choices=("constant", "exponential", "snr"),
          supported=S),
     _opt("huber_c", float, 0.1, "Huber loss decay parameter", supported=S),
     _opt("huber_scale", float, 1.0, "Huber loss scale", supported=S),
-    _flag("lowram", "low-RAM loading (load models straight to the GPU)"),
-    _flag("highvram", "skip GPU cache clearing"),
-    # inert: sample images are made only with --sample_prompts, refused
+    _flag("lowram", "low-RAM loading (move the base models to the GPU as soon as they load)", supported=S),
+    _flag("highvram", "skip GPU cache clearing (sdtune never clears it: accepted, no effect)", supported=S),
+    # sample images: library/sampling.py (epochs win over steps, as in kohya)
     _opt("sample_every_n_steps", int, None, "make sample images every N steps", supported=S),
-    _flag("sample_at_first", "make sample images before training"),
+    _flag("sample_at_first", "make sample images before training", supported=S),
     _opt("sample_every_n_epochs", int, None, "make sample images every N epochs", supported=S),
-    _opt("sample_prompts", str, None, "prompt file for sample images"),
+    _opt("sample_prompts", str, None, "prompt file for sample images (.txt with --n --w --h --s --l --d --ss, "
+         ".toml or .json)", supported=S),
     _opt("sample_sampler", str, "ddim", "sampler for sample images",
          choices=("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
                   "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"),
@@ -246,10 +252,12 @@ TRAINING = _group("training", [
 ])
 
 MASKED_LOSS = _group("masked_loss", [
-    _opt("conditioning_data_dir", str, None, "folder of mask images"),
-    _flag("masked_loss", "weight the loss by the <stem>-masklabel.png next to each image (white = learn, "
-          "black = ignore; see --masked_loss_*); with --alpha_mask, images without one use their alpha",
-          supported=S),
+    _opt("conditioning_data_dir", str, None, "with --masked_loss: folder of mask images, one per training image "
+         "with the same stem (red channel, 255 = learn); a sub-folder per <repeats>_<concept> folder, or flat",
+         supported=S),
+    _flag("masked_loss", "weight the loss by masks (white = learn, black = ignore; see --masked_loss_*): "
+          "--conditioning_data_dir's, else the <stem>-masklabel.png next to each image, else with --alpha_mask "
+          "the alpha channel", supported=S),
 ])
 
 # inert: every deepspeed detail is read only with --deepspeed, refused
@@ -268,25 +276,33 @@ DEEPSPEED = _group("deepspeed", [
 ])
 
 OPTIMIZER = _group("optimizer", [
-    _opt("optimizer_type", str, "", "optimizer name or module.Class (default AdamW)",
-         supported=("", "AdamW", "AdamW8bit")),
+    _opt("optimizer_type", str, "", "optimizer name (AdamW, AdamW8bit, Lion, Prodigy, DAdaptAdam, Adafactor, "
+         "AdamWScheduleFree, CAME, ... in any case) or module.Class (default AdamW)", supported=S),
     _flag("use_8bit_adam", "old spelling of --optimizer_type AdamW8bit", supported=S),
-    _flag("use_lion_optimizer", "old spelling of --optimizer_type Lion"),
+    _flag("use_lion_optimizer", "old spelling of --optimizer_type Lion", supported=S),
     _opt("learning_rate", float, 2.0e-6, "learning rate", supported=S),
     _opt("max_grad_norm", float, 1.0, "gradient clipping norm (0: no clipping)", supported=S),
     _opt("optimizer_args", str, None, "optimizer arguments as key=value", nargs="*", supported=S),
-    _opt("lr_scheduler_type", str, "", "custom scheduler as module.Class"),
-    _opt("lr_scheduler_args", str, None, "scheduler arguments as key=value", nargs="*"),
+    _opt("lr_scheduler_type", str, "", "custom scheduler: a torch.optim.lr_scheduler name or module.Class",
+         supported=S),
+    _opt("lr_scheduler_args", str, None, "scheduler arguments as key=value", nargs="*", supported=S),
     _opt("lr_scheduler", str, "constant", "learning-rate schedule",
-         supported=("constant", "constant_with_warmup", "linear", "cosine")),
+         supported=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant", "rex",
+                    "adafactor")),
     _opt("lr_warmup_steps", int_or_float, 0, "warmup steps, or a ratio of the total below 1 (or N%)", supported=S),
-    _opt("lr_decay_steps", int_or_float, 0, "decay steps, or a ratio of the total below 1 (or N%)"),
-    # inert: read only by cosine_with_restarts / polynomial schedules, refused
-    _opt("lr_scheduler_num_cycles", int, 1, "restarts of cosine_with_restarts", supported=S),
+    _opt("lr_decay_steps", int_or_float, 0, "decay steps of warmup_stable_decay, or a ratio of the total below 1 "
+         "(or N%)", supported=S),
+    _opt("lr_scheduler_num_cycles", int, 1, "cycles of cosine_with_restarts (and cosine_with_min_lr, "
+         "warmup_stable_decay)", supported=S),
     _opt("lr_scheduler_power", float, 1, "power of the polynomial schedule", supported=S),
-    _flag("fused_backward_pass", "step the optimizer inside backward (Adafactor)"),
-    _opt("lr_scheduler_timescale", int, None, "timescale of the inverse-sqrt schedule"),
-    _opt("lr_scheduler_min_lr_ratio", float, None, "final learning rate as a ratio of the initial one"),
+    # refused by library.optim with the reason, so the row is open here
+    _flag("fused_backward_pass", "step the optimizer inside backward (refused: kohya builds it only for full SDXL "
+          "fine-tuning with Adafactor)", supported=S),
+    _opt("lr_scheduler_timescale", int, None, "timescale of the inverse_sqrt schedule (default: the warmup, "
+         "or 10000)", supported=S),
+    _opt("lr_scheduler_min_lr_ratio", float, None, "final learning rate as a ratio of the peak (cosine_with_min_lr, "
+         "warmup_stable_decay, rex)", supported=S),
 ])
 
 CONFIG = _group("config", [
@@ -294,22 +310,22 @@ CONFIG = _group("config", [
 ])
 
 CUSTOM_TRAIN = _group("custom_train", [
-    _opt("min_snr_gamma", float, None, "min-SNR loss weighting gamma (5 is common)"),
-    _flag("scale_v_pred_loss_like_noise_pred", "scale v-prediction loss like noise-prediction loss"),
-    _opt("v_pred_like_loss", float, None, "add a v-prediction-like loss times this"),
-    _flag("debiased_estimation_loss", "debiased estimation loss weighting"),
+    _opt("min_snr_gamma", float, None, "min-SNR loss weighting gamma (5 is common)", supported=S),
+    _flag("scale_v_pred_loss_like_noise_pred", "scale v-prediction loss like noise-prediction loss", supported=S),
+    _opt("v_pred_like_loss", float, None, "add a v-prediction-like loss times this", supported=S),
+    _flag("debiased_estimation_loss", "debiased estimation loss weighting", supported=S),
     _flag("weighted_captions", "read (word:1.2) attention weights in captions", supported=S),
 ])
 
 NETWORK = _group("train_network", [
     _flag("cpu_offload_checkpointing", "offload checkpointed activations to the CPU"),
     _flag("no_metadata", "save without ss_* metadata", supported=S),
-    _opt("save_model_as", str, "safetensors", "file format", choices=(None, "ckpt", "pt", "safetensors"),
-         supported=("safetensors",)),
+    _opt("save_model_as", str, "safetensors", "file format (ckpt and pt: a torch.save of the weights, no metadata)",
+         choices=(None, "ckpt", "pt", "safetensors"), supported=S),
     _opt("unet_lr", float, None, "learning rate of the U-Net modules", supported=S),
     _opt("text_encoder_lr", float, None, "learning rate of the text encoder modules (one per encoder)",
          nargs="*", supported=S),
-    _flag("fp8_base_unet", "keep the U-Net in fp8"),
+    _flag("fp8_base_unet", "store the base U-Net (only) in fp8", supported=S),
     _opt("network_weights", str, None, "start from these network weights", supported=S),
     _opt("network_module", str, None, "network module to train, e.g. networks.lora", supported=S),
     _opt("network_dim", int, None, "network rank", supported=S),
@@ -319,14 +335,18 @@ NETWORK = _group("train_network", [
     _flag("network_train_unet_only", "train the U-Net modules only", supported=S),
     _flag("network_train_text_encoder_only", "train the text encoder modules only", supported=S),
     _opt("training_comment", str, None, "comment stored in the metadata", supported=S),
-    _flag("dim_from_weights", "take the rank from --network_weights"),
-    _opt("scale_weight_norms", float, None, "max-norm regularization of the network weights"),
-    _opt("base_weights", str, None, "networks merged into the model before training", nargs="*"),
-    _opt("base_weights_multiplier", float, None, "multipliers of --base_weights", nargs="*"),
-    _flag("no_half_vae", "keep the VAE in float32 under mixed precision"),
-    _flag("skip_until_initial_step", "skip batches until --initial_step"),
-    _opt("initial_epoch", int, None, "number of the first epoch"),
-    _opt("initial_step", int, None, "number of the first step"),
+    _flag("dim_from_weights", "take each layer's rank and alpha from --network_weights", supported=S),
+    _opt("scale_weight_norms", float, None, "max-norm regularization: after each step, scale down every "
+         "network layer whose weight change has a norm above this (1 is common)", supported=S),
+    _opt("base_weights", str, None, "network files merged into the model before training", nargs="*",
+         supported=S),
+    _opt("base_weights_multiplier", float, None, "multiplier of each --base_weights file (default 1)",
+         nargs="*", supported=S),
+    _flag("no_half_vae", "keep the VAE in float32 under mixed precision", supported=S),
+    _flag("skip_until_initial_step", "skip batches until --initial_step", supported=S),
+    _opt("initial_epoch", int, None, "number of the first epoch (1: the first)", supported=S),
+    _opt("initial_step", int, None, "number of steps done before the first one (wins over --initial_epoch)",
+         supported=S),
     # inert: the validation settings are read only with --validation_split, refused
     _opt("validation_seed", int, None, "seed for the validation split", supported=S),
     _opt("validation_split", float, 0.0, "share of the images kept for validation"),
@@ -347,6 +367,21 @@ SDTUNE = _group("sdtune", [
            "(0: always masked, as kohya)", supported=S, kohya=False),
     Option("masked_loss_normalize", bool, False, "divide each sample's masked loss by its mask's mean weight, "
            "so small masked areas teach as much as large ones", action="store_true", supported=S, kohya=False),
+    Option("text_encoder_train_epochs", int, None, "train the text encoder's network layers for this many "
+           "epochs only, then freeze them (OneTrainer's stop-training-after; unset: every epoch)", supported=S,
+           kohya=False),
+    # EMA of the trained weights (library/ema.py)
+    Option("ema", bool, False, "keep an exponential moving average (EMA) of the trained weights",
+           action="store_true", supported=S, kohya=False),
+    Option("ema_decay", float, 0.999, "EMA decay per update (warmed up: min(decay, (1 + n) / (10 + n)) after n "
+           "updates)", supported=S, kohya=False),
+    Option("ema_update_interval", int, 1, "update the EMA every N optimizer steps", supported=S, kohya=False),
+    Option("ema_device", str, "device", "where the EMA is kept: the training device, or cpu to save its memory",
+           choices=("device", "cpu"), supported=S, kohya=False),
+    Option("ema_save", str, "both", "with --ema, save both (NAME = trained, NAME-ema = averaged), ema (the "
+           "averaged weights as NAME) or raw", choices=("both", "ema", "raw"), supported=S, kohya=False),
+    Option("ema_sample", str, "ema", "with --ema, sample images with the ema weights, the raw ones or both",
+           choices=("ema", "raw", "both"), supported=S, kohya=False),
 ])
 
 OPTIONS: tuple[Option, ...] = tuple(

@@ -61,8 +61,15 @@ def weighted_token_ids(tokenizer, caption: str, max_tokens: int) -> tuple[list[i
 
 
 def apply_token_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Scale (B, L, D) encoder states by (B, L) weights, then restore each sample's mean."""
+    """Scale (B, L, D) encoder states by (B, L) weights, then restore each sample's mean (kohya's rule).
+
+    A mean near zero relative to the states' size (a final layer norm without bias, as in freshly built
+    models) makes the ratio meaningless or 0/0: such a sample is left unrescaled instead.
+    """
     previous = states.float().mean(dim=(-2, -1))
     weighted = states * weights.to(states.dtype).unsqueeze(-1)
     current = weighted.float().mean(dim=(-2, -1))
-    return weighted * (previous / current).to(states.dtype)[:, None, None]
+    size = weighted.float().abs().mean(dim=(-2, -1))
+    usable = current.abs() > 1e-4 * size
+    ratio = torch.where(usable, previous / torch.where(usable, current, torch.ones_like(current)), 1.0)
+    return weighted * ratio.to(states.dtype)[:, None, None]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import tempfile
 from typing import BinaryIO, Callable, Mapping
 
@@ -79,6 +80,33 @@ def atomic_write_text(path: str, text: str) -> None:
             handle.write(text)
 
     _atomic_write(path, write)
+
+
+def partial_folder(path: str) -> str:
+    """Where a folder is written before `replace_folder` moves it to `path` (the same name in every process)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.partial")
+
+
+def replace_folder(source: str, target: str) -> None:
+    """Move the finished folder `source` to `target`, replacing any older `target` only once `source` is
+    complete: a crash at any point leaves either the old folder or the new one under its name (or beside it)."""
+    old = None
+    if os.path.exists(target):
+        old = partial_folder(target) + ".old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.rename(target, old)
+    os.rename(source, target)
+    _fsync_folder(os.path.dirname(os.path.abspath(target)))
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def save_torch_file(tensors: Mapping[str, torch.Tensor], path: str) -> None:
+    """`torch.save` of a plain state dict (kohya's .ckpt / .pt network files, which carry no metadata), atomically."""
+    prepared = _prepare_tensors(tensors)
+    _atomic_write(path, lambda tmp_path: torch.save(prepared, tmp_path))
 
 
 def atomic_write_npz(path: str, arrays: Mapping[str, "numpy.ndarray"]) -> None:

@@ -11,10 +11,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from library import caching, losses, optim
+from library import caching, losses, optim, precision, state
 from library.config import parse_args, write_output_config
 from library.dataset import BatchLoader, build_dataset
 from library.dataset.report import build_report, schedule_length
+from library.ema import build_ema
 from library.errors import UserError
 from library.methods import METHODS
 from library.models import load_model
@@ -63,16 +64,22 @@ class Run:
         caching.resolve_cache_options(cfg)
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise UserError("--mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
+        precision.check_options(cfg)
+        self.loss_settings = losses.LossSettings.from_cfg(cfg)
         if cfg.seed is None:
             cfg.seed = random.randint(0, 2**32 - 1)  # kohya draws one too, and records it in metadata
         set_seed(cfg.seed)
         self.cfg = cfg
         self.dataset = build_dataset(cfg)  # before the model: a bad folder is reported in a second
         self.family = load_model(cfg)
+        if cfg.zero_terminal_snr:  # before anything reads the schedule: SNR weights use the rescaled one
+            self.family.noise_scheduler = losses.zero_terminal_snr_scheduler(self.family.noise_scheduler)
         self.dataset.verify_bucket_reso_steps(self.family.bucket_divisor)
         self.weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision or "no"]
         self._freeze_base()
         self.method = method_cls(cfg, self.family)
+        precision.cast_trained_network(self.method.module, cfg, self.weight_dtype)
+        precision.compile_unet(self.family.unet, cfg)  # after the network has patched the UNet's layers
         groups, self.group_names = self.method.param_groups()
         self.optimizer = optim.build_optimizer(cfg, groups)
         self.steps_per_epoch = math.ceil(len(self.dataset) / cfg.gradient_accumulation_steps)
@@ -91,13 +98,17 @@ class Run:
         # accelerate steps a prepared scheduler once per process on every optimizer step.
         total = self.max_steps * self.accelerator.num_processes
         self.lr_scheduler = optim.build_scheduler(cfg, self.optimizer, total)
+        if cfg.full_fp16:
+            precision.allow_fp16_gradients(self.accelerator.scaler)
 
     def _freeze_base(self) -> None:
-        """Base weights never train in a network run; they may drop to the mixed-precision dtype."""
+        """Base weights never train in a network run; they may drop to the mixed-precision dtype (the VAE
+        too, unless --no_half_vae) or be stored in fp8 (--fp8_base); see library/precision.py."""
         fam = self.family
         for model in [fam.unet, fam.vae, *fam.text_encoders]:
             model.requires_grad_(False)
             model.eval()
+        precision.place_for_lowram(fam, self.cfg)
         if self.cfg.xformers:
             from library.models import enable_xformers
 
@@ -107,8 +118,9 @@ class Run:
             for te in fam.text_encoders:
                 te.gradient_checkpointing_enable()
         if self.weight_dtype != torch.float32:  # frozen weights in half precision save memory
-            for model in [fam.unet, *fam.text_encoders]:
+            for model in precision.half_models(fam, self.cfg.no_half_vae):
                 model.to(dtype=self.weight_dtype)
+        precision.store_base_in_fp8(fam, self.cfg, self.weight_dtype)
 
     def _schedule_length(self) -> tuple[int, int]:
         """kohya's rule (library.dataset.report.schedule_length, which the report shows too)."""
@@ -125,14 +137,17 @@ class Run:
     # --- the loop -------------------------------------------------------------------------------
 
     def cache_latents(self) -> None:
-        """Encode every image once; the VAE is then no longer needed and leaves memory."""
+        """Encode every image once; the VAE then leaves memory, or waits on the CPU for sample images."""
+        from library import sampling
+
         device = self.accelerator.device
         vae = self.family.vae.to(device)
         cache = caching.make_latent_cache(self.cfg, vae)
         with torch.no_grad():
             self.dataset.cache_latents(self.family.encode_images, self.cfg.vae_batch_size or 1, cache)
         vae.to("cpu")
-        self.family.vae = None  # nothing else holds it during a network run
+        if not sampling.wanted(self.cfg):
+            self.family.vae = None  # nothing else holds it during a network run
         del vae
 
     def prepare(self) -> None:
@@ -158,10 +173,11 @@ class Run:
             self.method.module, self.optimizer, self.lr_scheduler
         )
         self.method.prepare_grad()
+        self.resumed = state.load_state(self) if self.cfg.resume else None
 
     def step_loss(self, batch) -> torch.Tensor:
-        """One batch: encode, noise, predict, compare. Returns the mean loss."""
-        fam, acc = self.family, self.accelerator
+        """One batch: encode, noise, predict, compare (each part is in library/losses.py). Returns the mean loss."""
+        fam, acc, settings = self.family, self.accelerator, self.loss_settings
         self.method.set_multiplier(batch.get("network_multiplier", 1.0))
         latents = batch["latents"]
         if latents is None:
@@ -171,30 +187,33 @@ class Run:
         grad_text = self.method.train_text_encoder
         with torch.set_grad_enabled(grad_text), acc.autocast():
             text_embeds = fam.encode_captions(batch["captions"])
-        noise = losses.sample_noise(latents)
-        timesteps = losses.sample_timesteps(latents.shape[0], fam.noise_scheduler.config.num_train_timesteps,
-                                            latents.device)
-        noisy = fam.noise_scheduler.add_noise(latents, noise, timesteps)
+        noise, noisy, timesteps = losses.noisy_latents(settings, fam.noise_scheduler, latents)
         with acc.autocast():
             prediction = fam.predict(noisy.to(self.weight_dtype), timesteps, text_embeds)
         target = losses.training_target(fam.noise_scheduler, latents, noise, timesteps, fam.v_prediction)
+        huber_c = losses.huber_threshold(settings, fam.noise_scheduler, timesteps)
+        per_sample = self._per_sample_loss(prediction, target, batch.get("masks"), huber_c)
+        # per-sample weights multiply each sample's loss after its mask and mean (kohya's order)
         weights = losses.prior_loss_weights(batch["is_reg"], self.cfg.prior_loss_weight)
-        return losses.weighted_mean(self._per_sample_loss(prediction, target, batch.get("masks")), weights)
+        weights = weights * losses.timestep_weights(settings, fam.noise_scheduler, timesteps, fam.v_prediction)
+        return losses.weighted_mean(per_sample, weights)
 
-    def _per_sample_loss(self, prediction, target, masks) -> torch.Tensor:
-        """Plain per-sample MSE, or masked (--masked_loss / --alpha_mask; see losses.masked_diffusion_loss)."""
+    def _per_sample_loss(self, prediction, target, masks, huber_c=None) -> torch.Tensor:
+        """Per-sample --loss_type loss, plain or masked (--masked_loss / --alpha_mask; see library/losses.py)."""
+        loss_type = self.loss_settings.loss_type
         if masks is None:
-            return losses.diffusion_loss(prediction, target)
+            return losses.diffusion_loss(prediction, target, loss_type, huber_c)
         cfg = self.cfg
         return losses.masked_diffusion_loss(prediction, target, masks, cfg.masked_loss_unmasked_weight,
-                                            cfg.masked_loss_normalize)
+                                            cfg.masked_loss_normalize, loss_type, huber_c)
 
     def train(self) -> list[float]:
-        """Run all steps; returns the per-step losses (tests read them)."""
+        """Run all steps (from a --resume state's step on); returns this run's per-step losses (tests read them)."""
         from library.metadata import build_training_metadata
 
         cfg, acc = self.cfg, self.accelerator
         self.prepare()
+        start = state.run_start(self)  # a start past the end stops here, before the report is written
         self._report_dataset()
         if self.logging_dir:
             acc.init_trackers(cfg.log_tracker_name or "network_train")
@@ -208,24 +227,34 @@ class Run:
         logger.info("%d images x repeats, %d batches/epoch, %d epochs, %d steps",
                     self.dataset.info["num_train_images"], len(self.dataset), self.num_epochs, self.max_steps)
         self.extra_logs: dict[str, float] = {}
+        self.ema = build_ema(cfg, self.method.module)  # before the text-encoder schedule may freeze a part
+        state.resume_ema(self)
+        self.global_step, self.last_saved = start.step, None
+        if start.epoch:
+            self._text_encoder_schedule(start.epoch)  # as the epochs before the start would have left it
         self._before_training()
+        if self.resumed is not None:
+            state.restore_rng(self.resumed.rng)
         step_losses: list[float] = []
         self.step_times: list[float] = []
         # The context closes the bar on any exit, so an error line starts on a line of its own.
-        with tqdm(total=self.max_steps, desc="steps", disable=not acc.is_local_main_process) as progress:
-            for epoch in range(self.num_epochs):
-                epoch_losses = self._train_epoch(epoch, step_losses, progress)
+        with tqdm(total=self.max_steps, initial=start.step, desc="steps",
+                  disable=not acc.is_local_main_process) as progress:
+            for epoch in range(start.epoch, self.num_epochs):
+                skip = start.skip_batches if epoch == start.epoch else 0
+                epoch_losses = self._train_epoch(epoch, step_losses, progress, skip)
                 if epoch_losses:
                     acc.log({"loss/epoch": sum(epoch_losses) / len(epoch_losses)}, step=epoch + 1)
-                if len(step_losses) >= self.max_steps:
+                if self.global_step >= self.max_steps:
                     break
-                self._after_epoch(epoch + 1, len(step_losses))
+                self._after_epoch(epoch + 1, self.global_step)
         self._log_speed()
-        self.save(self.output_name, self.num_epochs, len(step_losses))
+        state.save_on_train_end(self, epoch + 1, self.global_step)
         acc.end_training()
         return step_losses
 
-    def _train_epoch(self, epoch: int, step_losses: list[float], progress) -> list[float]:
+    def _train_epoch(self, epoch: int, step_losses: list[float], progress, skip: int = 0) -> list[float]:
+        """One epoch (0-based), from batch `skip` on (a resumed run skips what the state had trained)."""
         cfg, acc = self.cfg, self.accelerator
         self.dataset.set_epoch(epoch)
         self.loader.sampler.set_epoch(epoch)
@@ -234,19 +263,28 @@ class Run:
         optim.train_mode(self.optimizer)
         epoch_losses: list[float] = []
         accumulated = []
+        last = len(self.loader) - 1
         started = time.perf_counter()
-        for batch in self.loader:
+        for index, batch in enumerate(self.loader):
+            if index < skip:
+                continue  # batches are a pure function of (seed, epoch, index): nothing else to replay
+            if index == last:
+                # accelerate ends an accumulation at the end of loaders it prepared, not of this one: the
+                # epoch's last batch steps the optimizer, so an epoch holds ceil(batches / accumulation) steps
+                acc.step = cfg.gradient_accumulation_steps - 1
             with acc.accumulate(self.network):
                 loss = self.step_loss(batch)
+                accumulated.append(loss.item())
+                state.check_finite(accumulated[-1], self.global_step + 1, self.last_saved)
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            accumulated.append(loss.item())
             if not acc.sync_gradients:
                 continue
+            self.global_step += 1
             self._after_optimizer_step()
             current = sum(accumulated) / len(accumulated)
             accumulated.clear()
@@ -257,9 +295,9 @@ class Run:
             average = sum(epoch_losses) / len(epoch_losses)
             progress.update(1)
             progress.set_postfix(avr_loss=f"{average:.4f}", epoch=epoch + 1)
-            acc.log(self._step_logs(current, average), step=len(step_losses))
-            self._after_step(len(step_losses), epoch + 1)
-            if len(step_losses) >= self.max_steps:
+            acc.log(self._step_logs(current, average), step=self.global_step)
+            self._after_step(self.global_step, epoch + 1)
+            if self.global_step >= self.max_steps:
                 break
         return epoch_losses
 
@@ -289,34 +327,71 @@ class Run:
     # One method per feature; each is filled in by the module that owns the feature.
 
     def _warn_rules_of_thumb(self) -> None:
-        """Warnings from the seeds' rules of thumb (library/advice.py)."""
+        """Warnings from the seeds' rules of thumb (library/advice.py), once, from the main process."""
+        from library import advice
+
+        if not self.accelerator.is_main_process:
+            return
+        facts = advice.RunFacts(optim.group_lrs(self.optimizer, self.group_names), advice.buckets_of(self.dataset),
+                                self.family.name)
+        for line in advice.rule_of_thumb_warnings(self.cfg, facts):
+            logger.warning("%s", line)
 
     def _sample_before_training(self) -> None:
-        """--sample_at_first (library/sampling.py)."""
+        """Read --sample_prompts (a bad file stops the run here), then --sample_at_first (library/sampling.py)."""
+        from library import sampling
+
+        self.sampler = sampling.Sampler.from_config(self.cfg)
+        if self.sampler is not None and self.cfg.sample_at_first:
+            self.sampler.round(self, epoch=0, steps=0)  # kohya names this round as epoch 0
 
     def _sample_on_step(self, step: int, epoch: int) -> None:
-        """--sample_every_n_steps (library/sampling.py)."""
+        """--sample_every_n_steps; also the last epoch's --sample_every_n_epochs round, as the loop
+        ends there without calling _after_epoch (library/sampling.py)."""
+        from library import sampling
+
+        sampler, cfg = getattr(self, "sampler", None), self.cfg
+        if sampler is None:
+            return
+        if sampling.due_on_step(cfg, step):
+            sampler.round(self, epoch=None, steps=step)
+        elif step >= self.max_steps and sampling.due_on_epoch(cfg, epoch):
+            sampler.round(self, epoch=epoch, steps=step)
 
     def _sample_on_epoch(self, epoch: int, steps: int) -> None:
         """--sample_every_n_epochs (library/sampling.py)."""
+        from library import sampling
+
+        sampler = getattr(self, "sampler", None)
+        if sampler is not None and sampling.due_on_epoch(self.cfg, epoch):
+            sampler.round(self, epoch=epoch, steps=steps)
 
     def _scale_weight_norms(self) -> None:
         """--scale_weight_norms: max-norm regularisation; its figures go to self.extra_logs."""
+        max_norm = self.cfg.scale_weight_norms
+        if max_norm:
+            self.extra_logs.update(self.method.scale_weight_norms(max_norm, self.accelerator.device))
 
     def _update_ema(self) -> None:
         """--ema: update the moving average of the trained weights (library/ema.py)."""
+        if self.ema is not None:
+            self.ema.step(self.global_step)
 
     def _text_encoder_schedule(self, epoch: int) -> None:
-        """Stop training the text encoder after its epochs (OneTrainer's option)."""
+        """--text_encoder_train_epochs: once `epoch` epochs are done (1-based), the text encoder's part of
+        the network is frozen. It depends on `epoch` only, so a resumed run calls it with its epoch count."""
+        limit = self.cfg.text_encoder_train_epochs
+        if limit and epoch >= limit and self.method.train_text_encoder:
+            self.method.stop_text_encoder_training()
+            logger.info("text encoder training stopped after epoch %d (--text_encoder_train_epochs)", epoch)
 
     def _save_on_step(self, step: int, epoch: int) -> None:
-        """--save_every_n_steps and friends (library/state.py)."""
+        """--save_every_n_steps, --save_last_n_steps and their states (library/state.py)."""
+        state.save_on_step(self, step, epoch)
 
     def _save_on_epoch(self, epoch: int, steps: int) -> None:
-        """--save_every_n_epochs and friends."""
-        cfg = self.cfg
-        if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
-            self.save(f"{self.output_name}-{epoch:06d}", epoch, steps)
+        """--save_every_n_epochs / --save_n_epoch_ratio, --save_last_n_epochs and their states."""
+        state.save_on_epoch(self, epoch, steps)
 
     def _report_dataset(self) -> None:
         """The pre-flight report: logged, and written next to the outputs (dataset_report.txt / .json)."""
@@ -348,17 +423,24 @@ class Run:
         return self.cfg.output_name or "last"
 
     def save(self, stem: str, epoch: int, steps: int) -> str:
+        """Write the trained weights as `stem` in the --save_model_as format; with --ema, the averaged ones
+        beside or instead of them (--ema_save). Returns the main file's path."""
         from library.metadata import finalize_metadata
 
-        cfg = self.cfg
-        self.accelerator.wait_for_everyone()
-        path = os.path.join(cfg.output_dir, stem + ".safetensors")
-        if self.accelerator.is_main_process:
-            os.makedirs(cfg.output_dir, exist_ok=True)
+        cfg, acc = self.cfg, self.accelerator
+        acc.wait_for_everyone()
+        names = state.Names.from_cfg(cfg)
+        files = [(os.path.join(cfg.output_dir, name), averaged) for name, averaged in
+                 state.weight_files(stem, names.extension, cfg.ema_save if self.ema is not None else None)]
+        if acc.is_main_process:
             metadata = finalize_metadata(self.metadata, epoch=epoch, steps=steps)
-            self.method.save(path, SAVE_DTYPES[cfg.save_precision], metadata)
-            logger.info("saved %s", path)
-        return path
+            optim.eval_mode(self.optimizer)  # a schedule-free optimizer saves its averaged weights
+            try:
+                state.write_weights(self.method, self.ema, files, SAVE_DTYPES[cfg.save_precision], metadata)
+            finally:
+                optim.train_mode(self.optimizer)
+        self.last_saved = files[0][0]
+        return files[0][0]
 
 
 def _optimizer_label(optimizer, cfg) -> str:
@@ -371,4 +453,5 @@ def _optimizer_label(optimizer, cfg) -> str:
 
 def train(cfg, method_cls) -> list[float]:
     """Build a run from a resolved config and train it; returns the per-step losses."""
+    state.check_before_loading(cfg)  # a bad --resume folder fails before the model loads
     return Run(cfg, method_cls).train()

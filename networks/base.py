@@ -4,12 +4,16 @@ A network module is any importable Python module (``networks.lora``, ``networks.
 ``lycoris.kohya`` from the lycoris-lora package, a user's own file on ``sys.path``) that offers the
 two factory functions of :class:`NetworkModule`. The objects they return follow :class:`Network`.
 
-What the trainer calls, and when:
+What the trainer calls, and when (library/methods.py):
 
+0. With ``--base_weights``: for each file, ``module.create_network_from_weights(multiplier, file, vae,
+   text_encoder, unet, for_inference=True)``, then ``is_mergeable()`` and ``merge_to(text_encoder, unet,
+   weights_sd, dtype, "cpu")``: the files are baked into the base models before anything else.
 1. ``module.create_network(multiplier, dim, alpha, vae, text_encoder, unet, neuron_dropout, **kwargs)``
    builds the network from ``--network_dim``, ``--network_alpha``, ``--network_dropout`` and the
    parsed ``--network_args`` (``kwargs`` values are the raw strings). With ``--dim_from_weights``
-   the trainer calls ``create_network_from_weights`` instead, which reads dims and alphas from a file.
+   the trainer calls ``create_network_from_weights(1.0, network_weights, vae, text_encoder, unet,
+   **kwargs)`` instead, which reads dims and alphas from the file.
 2. ``network.apply_to(text_encoder, unet, apply_text_encoder, apply_unet)`` hooks the network into
    the models; ``--network_train_unet_only`` / ``--network_train_text_encoder_only`` pick the halves.
 3. ``network.load_weights(file)`` when ``--network_weights`` is given.
@@ -17,12 +21,17 @@ What the trainer calls, and when:
    parameter groups and a description per group (used as the learning-rate log names).
 5. ``network.enable_gradient_checkpointing()`` when ``--gradient_checkpointing``;
    ``network.prepare_grad_etc(text_encoder, unet)`` before the loop.
-6. Each epoch: ``network.on_epoch_start(text_encoder, unet)`` (puts the network in training mode).
-7. Saving: ``network.save_weights(file, dtype, metadata)``; ``dtype`` is the ``--save_precision``
+6. Each epoch: ``network.on_epoch_start(text_encoder, unet)``, then ``network.train()``.
+7. After each optimizer step, with ``--scale_weight_norms``: ``network.apply_max_norm_regularization(
+   max_norm, device)`` -> (layers scaled, mean norm, max norm), logged as ``max_norm/*``. A network
+   without it is refused when the option is given.
+8. With ``--text_encoder_train_epochs N``, after epoch N: every parameter of ``network.text_encoder_loras``
+   gets ``requires_grad_(False)``, so optimizers skip it (a network without that list is refused).
+9. Saving: ``network.save_weights(file, dtype, metadata)``; ``dtype`` is the ``--save_precision``
    dtype (None keeps the training dtype), ``metadata`` the ``ss_*`` / ``modelspec.*`` strings.
 
-Merging tools and ``--base_weights`` use ``create_network_from_weights(..., for_inference=True)``
-followed by ``is_mergeable()`` and ``merge_to(text_encoder, unet, weights_sd, dtype, device)``.
+Merging tools use ``create_network_from_weights(..., for_inference=True)`` followed by
+``is_mergeable()`` and ``merge_to(text_encoder, unet, weights_sd, dtype, device)``, as in step 0.
 ``text_encoder`` is one model, or a list of models for families with two text encoders (SDXL).
 """
 
@@ -111,15 +120,16 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
 
 
 def check_network_args(kwargs: dict[str, str], known: Iterable[str], unbuilt: Iterable[str] = ()) -> None:
-    """UserError for a network_args key this module does not know (with a suggestion) or has not built yet."""
+    """UserError for a network_args key this module does not know (with a suggestion and the list of
+    valid keys) or has not built yet."""
     known, unbuilt = list(known), set(unbuilt)
     for key in kwargs:
         if key in unbuilt:
             raise UserError(f"not supported yet: --network_args {key}")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(known)}"
-            raise UserError(f"--network_args: unknown key {key!r}{hint}")
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"--network_args: unknown key {key!r}{hint}; valid keys: {', '.join(known)}")
 
 
 def arg_number(kwargs: dict[str, Any], key: str, kind: type, default=None):

@@ -10,7 +10,10 @@ Saved keys per layer: ``<name>.lora_down.weight`` (r, in) or (r, in, k, k), ``<n
 (out, r) or (out, r, 1, 1), ``<name>.alpha`` (a scalar).
 
 ``--network_args``: conv_dim, conv_alpha (LoCon: 3x3 convs of the UNet's resnets and samplers),
-rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio.
+rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio,
+and the block-wise block_dims, block_alphas, conv_block_dims, conv_block_alphas, down_lr_weight,
+mid_lr_weight, up_lr_weight, block_lr_zero_threshold (networks/blocks.py says which layer is in which
+block).
 """
 
 from __future__ import annotations
@@ -22,16 +25,16 @@ import os
 import torch
 
 from library.errors import UserError, not_supported
+from networks import blocks
 from networks.base import arg_number, check_network_args
 from networks.targets import Layer, network_layers
 
 logger = logging.getLogger(__name__)
 
-NETWORK_ARGS = ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout",
-                "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
-# kohya's block-wise dims and learning rates: recognised, not built yet.
-UNBUILT_NETWORK_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
-                        "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
+# The rank keys: a network shaped after a file (--dim_from_weights) takes these from the file instead.
+DIM_ARGS = ("conv_dim", "conv_alpha") + blocks.BLOCK_DIM_KEYS
+NETWORK_ARGS = DIM_ARGS + ("rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                           "loraplus_text_encoder_lr_ratio") + blocks.LR_WEIGHT_KEYS + ("block_lr_zero_threshold",)
 
 
 def lora_delta(up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
@@ -138,17 +141,21 @@ class LoRANetwork(torch.nn.Module):
                  dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None, conv_lora_dim: int | None = None,
                  conv_alpha: float | None = None, modules_dim: dict[str, int] | None = None,
-                 modules_alpha: dict[str, float] | None = None):
-        """Either (lora_dim, alpha, conv_lora_dim, conv_alpha) for every layer, or per-layer
-        `modules_dim` / `modules_alpha` (a network shaped after a file: layers not in it are skipped)."""
+                 modules_alpha: dict[str, float] | None = None, block_plan: blocks.BlockDims | None = None):
+        """Either (lora_dim, alpha, conv_lora_dim, conv_alpha) for every layer, per-block U-Net ranks
+        (`block_plan`; the text encoder keeps lora_dim and alpha), or per-layer `modules_dim` /
+        `modules_alpha` (a network shaped after a file: layers not in it are skipped). A rank of 0 or
+        None leaves a layer out."""
         super().__init__()
         self.multiplier = multiplier
         self.lora_dim, self.alpha = lora_dim, alpha
         self.conv_lora_dim, self.conv_alpha = conv_lora_dim, conv_alpha
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self.loraplus_lr_ratio = self.loraplus_unet_lr_ratio = self.loraplus_text_encoder_lr_ratio = None
+        self.block_plan = block_plan
+        self.block_lr_weight: list[float] | None = None
 
-        with_conv = modules_dim is not None or bool(conv_lora_dim)
+        with_conv = modules_dim is not None or bool(conv_lora_dim) or bool(block_plan and block_plan.has_conv)
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
         for layer in network_layers(text_encoder, unet, with_conv):
@@ -165,6 +172,8 @@ class LoRANetwork(torch.nn.Module):
     def _dim_alpha(self, layer: Layer, modules_dim, modules_alpha) -> tuple[int | None, float | None]:
         if modules_dim is not None:
             return modules_dim.get(layer.name), (modules_alpha or {}).get(layer.name)
+        if self.block_plan is not None and layer.is_unet:
+            return self.block_plan.dim_alpha(layer.name, layer.is_spatial_conv)
         if layer.is_spatial_conv:
             return self.conv_lora_dim, self.conv_alpha
         return self.lora_dim, self.alpha
@@ -177,6 +186,15 @@ class LoRANetwork(torch.nn.Module):
         self.multiplier = multiplier
         for lora in self.loras:
             lora.multiplier = multiplier
+
+    def set_block_lr_weight(self, weights: list[float] | None) -> None:
+        """kohya's block learning rates: U-Net block i learns at unet_lr * weights[i] (networks/blocks.py)."""
+        self.block_lr_weight = weights
+
+    def get_lr_weight(self, block: int) -> float:
+        if self.block_lr_weight is None or block < 0:
+            return 1.0
+        return self.block_lr_weight[block]
 
     def set_loraplus_lr_ratio(self, ratio=None, unet_ratio=None, text_encoder_ratio=None) -> None:
         """LoRA+: the up matrices learn `ratio` times faster (per half when its own ratio is given)."""
@@ -220,18 +238,29 @@ class LoRANetwork(torch.nn.Module):
         logger.info("merged %d LoRA layers", merged)
 
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr) -> tuple[list[dict], list[str]]:
-        """kohya's groups: text encoder then U-Net, each split in two under LoRA+ (up matrices apart).
+        """kohya's groups: text encoder, then the U-Net (one group per block, "unet_block<i>", with block
+        learning-rate weights), each split in two under LoRA+ (up matrices apart, " plus").
 
         A None lr falls back to `default_lr`; a group whose lr ends up None or 0 is left out (frozen).
         """
         self.requires_grad_(True)
+        te_lr = default_lr if text_encoder_lr is None else text_encoder_lr
+        unet_lr = default_lr if unet_lr is None else unet_lr
+        te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
+        unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+        parts = [("textencoder", self.text_encoder_loras, te_lr, te_ratio)]
+        if self.block_lr_weight is None:
+            parts.append(("unet", self.unet_loras, unet_lr, unet_ratio))
+        else:
+            by_block: dict[int, list[LoRAModule]] = {}
+            for lora in self.unet_loras:
+                by_block.setdefault(blocks.block_index(lora.lora_name), []).append(lora)
+            for block in sorted(by_block):
+                lr = unet_lr * self.get_lr_weight(block) if unet_lr else unet_lr
+                parts.append((f"unet_block{block}", by_block[block], lr, unet_ratio))
         groups: list[dict] = []
         names: list[str] = []
-        halves = (("textencoder", self.text_encoder_loras, text_encoder_lr, self.loraplus_text_encoder_lr_ratio),
-                  ("unet", self.unet_loras, unet_lr, self.loraplus_unet_lr_ratio))
-        for label, loras, lr, ratio in halves:
-            lr = default_lr if lr is None else lr
-            ratio = ratio or self.loraplus_lr_ratio
+        for label, loras, lr, ratio in parts:
             plain = [p for lora in loras for n, p in lora.named_parameters() if not (ratio and "lora_up" in n)]
             plus = [p for lora in loras for n, p in lora.named_parameters() if ratio and "lora_up" in n]
             for params, group_lr, suffix in ((plain, lr, ""), (plus, lr * ratio if ratio and lr else lr, " plus")):
@@ -248,6 +277,15 @@ class LoRANetwork(torch.nn.Module):
 
     def on_epoch_start(self, text_encoder, unet) -> None:
         self.train()
+
+    def train(self, mode: bool = True):
+        """Training mode, except for layers frozen during the run (--text_encoder_train_epochs): with no
+        trainable parameter left they run as at inference, so their dropout no longer adds noise."""
+        super().train(mode)
+        for lora in self.loras:
+            if mode and not any(p.requires_grad for p in lora.parameters()):
+                lora.eval()
+        return self
 
     def get_trainable_params(self):
         return self.parameters()
@@ -284,7 +322,9 @@ class LoRANetwork(torch.nn.Module):
     def apply_max_norm_regularization(self, max_norm_value: float, device) -> tuple[int, float, float]:
         """--scale_weight_norms: shrink each layer's up and down alike so ||delta W|| <= max_norm_value.
 
-        Returns (layers scaled, mean norm, max norm) after scaling, as kohya's trainer logs them.
+        Returns (layers scaled, mean norm, max norm) after scaling, as kohya's trainer logs them. Frozen
+        layers (--text_encoder_train_epochs) are counted but never rescaled: they already met the bound,
+        and rounding must not move them.
         """
         norms, scaled = [], 0
         for lora in self.loras:
@@ -292,6 +332,8 @@ class LoRANetwork(torch.nn.Module):
             norm = lora.get_weight(multiplier=1.0).to(device).norm()
             floored = norm.clamp(min=max_norm_value / 2)
             ratio = float(floored.clamp(max=max_norm_value) / floored)
+            if not lora.lora_up.weight.requires_grad:
+                ratio = 1.0
             if ratio != 1:
                 scaled += 1
                 lora.lora_up.weight.mul_(ratio ** 0.5)
@@ -324,7 +366,7 @@ def _dropout_arg(kwargs: dict, key: str) -> float | None:
 
 def _network_options(kwargs: dict, neuron_dropout: float | None) -> dict:
     """Dropout settings shared by both factories, validated."""
-    check_network_args(kwargs, NETWORK_ARGS, UNBUILT_NETWORK_ARGS)
+    check_network_args(kwargs, NETWORK_ARGS)
     if neuron_dropout is not None and not 0.0 <= neuron_dropout < 1.0:
         raise UserError(f"--network_dropout {neuron_dropout}: expected a probability in [0, 1)")
     return dict(dropout=neuron_dropout, rank_dropout=_dropout_arg(kwargs, "rank_dropout"),
@@ -346,11 +388,26 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     network_alpha = 1.0 if network_alpha is None else float(network_alpha)
     # conv_dim 0 means no LoCon (kohya would still wrap the resnets' Linear / 1x1 layers then).
     conv_dim = arg_number(kwargs, "conv_dim", int) or None
-    conv_alpha = arg_number(kwargs, "conv_alpha", float, 1.0) if conv_dim else None
-    network = LoRANetwork(text_encoder, unet, multiplier, network_dim, network_alpha,
-                          conv_lora_dim=conv_dim, conv_alpha=conv_alpha, **options)
+    conv_alpha = arg_number(kwargs, "conv_alpha", float, 1.0)
+    plan = lr_weights = None
+    layout = _block_layout(unet, kwargs)
+    if layout is not None:
+        lr_weights = blocks.block_lr_weights(kwargs, layout)
+        plan = blocks.block_dims(kwargs, layout, network_dim, network_alpha, conv_dim, conv_alpha, lr_weights)
+    network = LoRANetwork(text_encoder, unet, multiplier, network_dim, network_alpha, conv_lora_dim=conv_dim,
+                          conv_alpha=conv_alpha if conv_dim else None, block_plan=plan, **options)
     _set_loraplus(network, kwargs)
+    network.set_block_lr_weight(lr_weights)
     return network
+
+
+def _block_layout(unet, kwargs: dict) -> blocks.Layout | None:
+    """The U-Net's block numbering when a block-wise network_args key is given, else None."""
+    keys = blocks.BLOCK_DIM_KEYS + blocks.LR_WEIGHT_KEYS + ("block_lr_zero_threshold",)
+    if not any(kwargs.get(k) for k in keys):
+        return None
+    names = [layer.name for layer in network_layers(None, unet, with_conv=True)] if unet is not None else []
+    return blocks.layout_of(names)
 
 
 def dims_from_weights(weights_sd: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
@@ -374,6 +431,10 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
     if weights_sd is None:
         weights_sd = read_weights(file)
     options = _network_options(kwargs, None)
+    ignored = [key for key in DIM_ARGS if kwargs.get(key)]
+    if ignored:
+        logger.warning("%s: ranks and alphas come from the file; --network_args %s ignored", file or "weights",
+                       ", ".join(ignored))
     dims, alphas = dims_from_weights(weights_sd)
     network = LoRANetwork(text_encoder, unet, multiplier, modules_dim=dims, modules_alpha=alphas, **options)
     unmatched = sorted(set(dims) - {lora.lora_name for lora in network.loras})
@@ -381,4 +442,6 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
         logger.warning("%s: %d LoRA layers match no layer of the model, e.g. %s", file or "weights",
                        len(unmatched), unmatched[0])
     _set_loraplus(network, kwargs)
+    # Block learning rates still apply; a block weighted 0 keeps its layers from the file, untrained.
+    network.set_block_lr_weight(blocks.block_lr_weights(kwargs, blocks.layout_of(dims)))
     return network, weights_sd

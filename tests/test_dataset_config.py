@@ -168,9 +168,16 @@ ERRORS = [
     (SUBSET.replace("resolution = 64", "resolution = [64, 64, 64]"), "resolution = [64, 64, 64]: expected a size"),
     ("[[datasets]]\n  [[datasets.subsets]]\n  num_repeats = 2\n", "datasets[0].subsets[0]: image_dir is required"),
     (SUBSET.replace("{cats}", "/no/such/dir"), "image_dir '/no/such/dir': folder not found"),
-    (SUBSET + "  metadata_file = 'm.json'\n", "not supported yet: fine-tuning subsets"),
-    (SUBSET + "  alpha_mask = true\n", "not supported yet in a dataset config: alpha_mask = True"),
-    (SUBSET + "  flip_aug = true\n", "datasets[0].subsets[0]: not supported yet in a dataset config: flip_aug"),
+    ("[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  metadata_file = 'm.json'\n",
+     "datasets[0].subsets[0]: metadata file m.json: file not found"),
+    ("[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  metadata_file = 'm.json'\n  is_reg = true\n",
+     "datasets[0].subsets[0]: is_reg does not apply to a metadata_file subset"),
+    (SUBSET + "  [[datasets.subsets]]\n  metadata_file = 'm.json'\n",
+     "datasets[0]: metadata_file subsets and image-folder subsets cannot share a dataset"),
+    (SUBSET + "  conditioning_data_dir = '{cats}'\n",
+     "datasets[0].subsets[0]: conditioning_data_dir holds loss masks: add --masked_loss"),
+    (SUBSET + "  flip_aug = 1\n", "datasets[0].subsets[0]: flip_aug = 1: expected true or false"),
+    (SUBSET + "  face_crop_aug_range = [4.0, 2.0]\n", "datasets[0].subsets[0]: --face_crop_aug_range (4.0, 2.0)"),
     (SUBSET + "  network_multiplier = 0.5\n",
      "network_multiplier belongs in [general] or [[datasets]], not in [[datasets.subsets]]"),
     ("[general]\nresolution = 64\n", "no [[datasets]] table"),
@@ -191,12 +198,43 @@ def test_errors_name_file_table_and_key(folders, text, expected):
     assert str(err.value).startswith(str(folders / "ds.toml")) and "\n" not in str(err.value)
 
 
-def test_augmentation_keys_may_only_repeat_the_run_value(folders):
-    text = SUBSET.replace("{cats}", str(folders / "cats"))
-    group = build_dataset(cfg_for(folders, text + "  flip_aug = true\n", "--flip_aug"))
-    assert group.augment.flip and group.info["datasets"][0]["subsets"][0]["flip_aug"] is True
-    with pytest.raises(UserError, match="flip_aug = False .this run uses True; leave --flip_aug for the whole run"):
-        build_dataset(cfg_for(folders, text + "  flip_aug = false\n", "--flip_aug"))
+def test_augmentation_keys_apply_per_subset(folders):
+    # cats: flip from the subset; dogs: random_crop from the dataset, flip from the command line;
+    # people (second dataset): nothing of the first dataset's
+    text = f"""
+[general]
+resolution = 64
+[[datasets]]
+random_crop = true
+  [[datasets.subsets]]
+  image_dir = "{folders / 'cats'}"
+  flip_aug = false
+  random_crop = false
+  [[datasets.subsets]]
+  image_dir = "{folders / 'dogs'}"
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "{folders / 'people'}"
+  color_aug = true
+"""
+    group = build_dataset(cfg_for(folders, text, "--flip_aug"))
+    augment = {r.path.rsplit("/", 2)[1]: r.augment for r in group.records}
+    assert [(augment[n].flip, augment[n].random_crop, augment[n].color) for n in ("cats", "dogs", "people")] == [
+        (False, False, False), (True, True, False), (True, False, True)]
+    subsets = [s for d in group.info["datasets"] for s in d["subsets"]]
+    assert [(s["flip_aug"], s["random_crop"], s["color_aug"]) for s in subsets] == [
+        (False, False, False), (True, True, False), (True, False, True)]
+    flips = {}
+    for epoch in range(8):
+        group.set_epoch(epoch)
+        for i in range(len(group)):
+            batch = group[i]
+            for path, flipped in zip(batch["image_paths"], batch["flipped"].tolist()):
+                flips.setdefault(path.rsplit("/", 2)[1], set()).add(flipped)
+    assert flips["cats"] == {False} and flips["dogs"] == {False, True} and flips["people"] == {False, True}
+    # kohya's rule per subset: a subset that changes its pixels every epoch cannot have its latents cached
+    with pytest.raises(UserError, match=r"datasets\[0\]\.subsets\[1\]: random_crop changes the pixels every epoch"):
+        build_dataset(cfg_for(folders, text, "--cache_latents"))
 
 
 def test_missing_file_and_wrong_extension(tmp_path):
@@ -252,3 +290,43 @@ def test_network_multiplier_per_dataset_reaches_every_batch(folders):
         batch = group[(0, i)]
         owner = group.datasets[group._order[i][0]]
         assert batch["network_multiplier"] == owner.network_multiplier
+
+
+def test_flipped_latents_are_cached_for_flip_subsets_only(folders):
+    text = (f'[general]\nresolution = 64\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{folders / "cats"}"\n'
+            f'  flip_aug = true\n  [[datasets.subsets]]\n  image_dir = "{folders / "people"}"\n')
+    group = build_dataset(cfg_for(folders, text))
+    calls = []
+
+    def encode(pixels):
+        calls.append(pixels.shape[0])
+        return pixels[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4]
+
+    group.cache_latents(encode, batch_size=8)
+    assert sorted(calls) == [3, 4, 4]  # people once; cats, then their mirror images: batches never mix the two
+    cache = group.latent_cache
+    flipped = {r.path.rsplit("/", 2)[1]: cache.get(r.path, flipped=True) is not None for r in group.records}
+    assert flipped == {"cats": True, "people": False}
+
+
+def test_token_warmup_and_cache_info_per_subset(folders, caplog):
+    for i in range(4):
+        write_text(str(folders / "cats" / f"c{i}.caption"), "a, b, c, d, e")
+    text = (f'[general]\nresolution = 64\ncache_info = true\n[[datasets]]\n'
+            f'  [[datasets.subsets]]\n  image_dir = "{folders / "cats"}"\n'
+            f'  token_warmup_min = 2\n  token_warmup_step = 0.5\n')
+    with caplog.at_level(logging.INFO):
+        group = build_dataset(cfg_for(folders, text, "--max_train_steps", "8"))
+    assert "cache_info: sdtune reads image sizes and captions afresh" in caplog.text
+    assert not any(p.name == "metadata_cache.json" for p in folders.rglob("*"))
+    # warmup ends at step floor(0.5 * 8) = 4: 2 tags at step 0, 2 + floor(2 * 3 / 4) = 3 at step 2
+    assert group.clock.max_train_steps == 8
+    assert group[(0, 0)]["captions"] == ["a, b"] and group[(0, 2)]["captions"] == ["a, b, c"]
+    assert group[(1, 0)]["captions"] == ["a, b, c, d, e"]
+
+
+def test_dataset_repeats_is_the_fallback_of_num_repeats(folders):
+    text = (f'[general]\nresolution = 64\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{folders / "cats"}"\n'
+            f'  [[datasets.subsets]]\n  image_dir = "{folders / "dogs"}"\n  num_repeats = 2\n')
+    group = build_dataset(cfg_for(folders, text, "--dataset_repeats", "3"))
+    assert [s.num_repeats for s in group.subsets] == [3, 2] and group.info["num_train_images"] == 16

@@ -168,6 +168,42 @@ def test_sd15_locon_names_and_shapes(sd15):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Block-wise ranks on the SD1.5 architecture (which block holds what: networks/blocks.py).
+
+SD15_TRANSFORMER_BLOCKS = {  # diffusers path -> kohya block
+    "down_blocks_0_attentions_0": 1, "down_blocks_0_attentions_1": 2, "down_blocks_1_attentions_0": 4,
+    "down_blocks_1_attentions_1": 5, "down_blocks_2_attentions_0": 7, "down_blocks_2_attentions_1": 8,
+    "mid_block_attentions_0": 12,
+    "up_blocks_1_attentions_0": 16, "up_blocks_1_attentions_1": 17, "up_blocks_1_attentions_2": 18,
+    "up_blocks_2_attentions_0": 19, "up_blocks_2_attentions_1": 20, "up_blocks_2_attentions_2": 21,
+    "up_blocks_3_attentions_0": 22, "up_blocks_3_attentions_1": 23, "up_blocks_3_attentions_2": 24,
+}
+
+
+def test_sd15_block_dims_alphas_and_conv_block_dims(sd15):
+    dims = ",".join(str(i) for i in range(25))  # block i gets rank i (IN00: rank 0, nothing to wrap anyway)
+    alphas = ",".join(str(i / 2) for i in range(25))
+    conv = ",".join("2" if i in (4, 12, 18) else "0" for i in range(25))
+    net = create_network(1.0, 8, 3.0, None, sd15["text_encoder"], sd15["unet"], block_dims=dims,
+                         block_alphas=alphas, conv_block_dims=conv)
+    got = {lora.lora_name: (lora.lora_dim, lora.alpha.item()) for lora in net.loras}
+    for path, block in SD15_TRANSFORMER_BLOCKS.items():
+        assert got[f"lora_unet_{path}_proj_in"] == (block, block / 2), path
+        assert got[f"lora_unet_{path}_transformer_blocks_0_attn2_to_k"] == (block, block / 2), path
+    assert {v for k, v in got.items() if k.startswith("lora_te_")} == {(8, 3.0)}
+    # LoCon only where conv_block_dims is not 0 (alpha defaults to 1); the resnets' Linear and 1x1
+    # layers follow block_dims in every block.
+    assert got["lora_unet_down_blocks_1_resnets_0_conv1"] == (2, 1.0)
+    assert got["lora_unet_mid_block_resnets_1_conv2"] == (2, 1.0)
+    assert got["lora_unet_up_blocks_1_upsamplers_0_conv"] == (2, 1.0)
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" not in got
+    assert got["lora_unet_down_blocks_0_resnets_0_time_emb_proj"] == (1, 0.5)
+    assert got["lora_unet_up_blocks_3_resnets_2_conv_shortcut"] == (24, 12.0)
+    # IN04: one resnet's conv1 and conv2; MID: two resnets; OUT05: a resnet and the upsampler
+    assert sum(k.endswith(("_conv1", "_conv2", "samplers_0_conv")) for k in got) == 2 + 4 + 3
+
+
+# ---------------------------------------------------------------------------------------------------
 # The LoRA layer's numbers, per layer kind.
 
 LAYERS = {
@@ -460,13 +496,15 @@ def test_network_args_errors(tiny):
     with pytest.raises(UserError, match="'conv_dim' is not of the form key=value"):
         parse_network_args(["conv_dim"])
     te, unet = tiny["text_encoder"], tiny["unet"]
-    with pytest.raises(UserError, match="unknown key 'conv_dims'; did you mean conv_dim"):
+    with pytest.raises(UserError, match=r"unknown key 'conv_dims' \(did you mean conv_dim\?\); valid keys: "
+                                        r"conv_dim, conv_alpha, block_dims, .*, block_lr_zero_threshold$"):
         create_network(1.0, 4, 1.0, None, te, unet, conv_dims="4")
     with pytest.raises(UserError, match="conv_dim=four: expected an integer"):
         create_network(1.0, 4, 1.0, None, te, unet, conv_dim="four")
     with pytest.raises(UserError, match=r"rank_dropout=1.5: expected a probability"):
         create_network(1.0, 4, 1.0, None, te, unet, rank_dropout="1.5")
-    with pytest.raises(UserError, match="not supported yet: --network_args block_dims"):
+    with pytest.raises(UserError, match=r"block_dims: expected 25 comma-separated values \(IN00-IN11, MID, "
+                                        r"OUT00-OUT11\), got 2"):
         create_network(1.0, 4, 1.0, None, te, unet, block_dims="2,2")
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 
 import train_network
 from library import caching, losses
@@ -217,6 +218,40 @@ def test_masks_refuse_face_crop():
 
     cfg = argparse.Namespace(masked_loss=True, alpha_mask=False, face_crop_aug_range="2.0,4.0",
                              masked_loss_unmasked_probability=0.1, masked_loss_unmasked_weight=0.1)
-    with pytest.raises(UserError, match="--face_crop_aug_range cannot be combined with --masked_loss"):
+    with pytest.raises(UserError, match=r"--face_crop_aug_range cannot be combined with masks \(--masked_loss, alpha_mask"):
         MaskSource.from_cfg(cfg)
     assert MaskSource.from_cfg(argparse.Namespace(**{**vars(cfg), "face_crop_aug_range": None})).masklabel
+
+
+def test_alpha_mask_per_subset_mixes_masked_and_plain_samples(tiny_model_dir, tmp_path):
+    # cutout/: RGBA images, left half opaque, alpha_mask on; plain/: RGBA images with the same alpha, off
+    for folder in ("cutout", "plain"):
+        for i in range(2):
+            os.makedirs(tmp_path / folder, exist_ok=True)
+            rgba = np.full((64, 64, 4), 100 + i, dtype=np.uint8)
+            rgba[..., 3] = half_white((64, 64))
+            Image.fromarray(rgba).save(tmp_path / folder / f"{folder}{i}.png")
+    ds = tmp_path / "ds.toml"
+    ds.write_text(f'[general]\nresolution = 64\nbatch_size = 4\n[[datasets]]\n'
+                  f'  [[datasets.subsets]]\n  image_dir = "{tmp_path / "cutout"}"\n  alpha_mask = true\n'
+                  f'  [[datasets.subsets]]\n  image_dir = "{tmp_path / "plain"}"\n', encoding="utf-8")
+    from library.config import parse_args
+
+    group = build_dataset(parse_args(["--dataset_config", str(ds), "--masked_loss_unmasked_probability", "0"]))
+    batch = group[0]  # one batch of all four: masked and plain samples side by side
+    half = torch.zeros(1, 8, 8)
+    half[..., :4] = 1.0
+    for path, mask in zip(batch["image_paths"], batch["masks"]):
+        assert torch.equal(mask, half if "cutout" in path else torch.ones(1, 8, 8))
+    # an all-ones mask trains exactly as no mask does, whatever the unmasked weight
+    prediction, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    ones = losses.masked_diffusion_loss(prediction, target, torch.ones(2, 1, 8, 8), 0.1, True)
+    assert torch.allclose(ones, losses.diffusion_loss(prediction, target))
+    group.cache_latents(fake_encode)
+    assert {os.path.basename(p): group.latent_cache.get_mask(p) is not None for p in batch["image_paths"]} == {
+        "cutout0.png": True, "cutout1.png": True, "plain0.png": False, "plain1.png": False}
+    out = tmp_path / "out"
+    argv = train_argv(tiny_model_dir, "unused", str(out), "--dataset_config", str(ds), "--max_train_steps", "2",
+                      "--cache_latents")
+    assert train_network.main(argv) == 0
+    assert json.loads(safe_open(str(out / "lora.safetensors"), "pt").metadata()["ss_steps"]) == 2

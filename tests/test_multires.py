@@ -170,6 +170,20 @@ def test_report_lists_buckets_per_resolution(data):
     assert report.as_dict()["buckets"][0]["training_size"] == [32, 32]
 
 
+def test_debug_dataset_shows_each_samples_own_size(data):
+    from library.dataset.report import debug_dataset
+
+    dataset = multires(data)
+    shown = [line for line in debug_dataset(dataset, max_batches=len(dataset)).splitlines() if line.startswith("  ")]
+    seen = set()
+    for line in shown:
+        path, sizes = line.split()[0], line.split("  ")[2]
+        seen.add((os.path.basename(path)[0], sizes))
+    # every size of TALL and of the squares appears, not only the largest
+    assert seen == {("t", f"64x96 -> {r[0]}x{r[1]} -> bucket {b[0]}x{b[1]}") for b, r in TALL.values()} | {
+        ("s", f"64x64 -> {n}x{n} -> bucket {n}x{n}") for n in (32, 48, 64)}
+
+
 def test_dataset_config_takes_a_resolution_list(data, tmp_path):
     path = tmp_path / "ds.toml"
     path.write_text(f'[[datasets]]\nresolution = "multires:32,64"\nbatch_size = 2\nenable_bucket = false\n'

@@ -1,86 +1,11 @@
-"""Optimizer / scheduler tables and the loss functions, against hand-computed numbers."""
+"""The loss functions, against hand-computed numbers (optimizers and schedules: test_optimizers.py,
+test_schedulers.py)."""
 
 from __future__ import annotations
 
-import argparse
-
-import pytest
 import torch
 
-from library import losses, optim
-from library.errors import UserError
-
-
-def _cfg(**kw):
-    base = dict(optimizer_type="AdamW", use_8bit_adam=False, optimizer_args=None, learning_rate=1e-3,
-                lr_scheduler="constant", lr_warmup_steps=0)
-    return argparse.Namespace(**{**base, **kw})
-
-
-def _params():
-    return [{"params": [torch.nn.Parameter(torch.ones(3))], "lr": 1e-3}]
-
-
-def test_parse_kv_args_literals_and_strings():
-    parsed = optim.parse_kv_args(["weight_decay=0.1", "betas=(0.9,0.99)", "decouple=True", "mode=fast"], "x")
-    assert parsed == {"weight_decay": 0.1, "betas": (0.9, 0.99), "decouple": True, "mode": "fast"}
-    with pytest.raises(UserError, match="'weight_decay' is not key=value"):
-        optim.parse_kv_args(["weight_decay"], "optimizer_args")
-
-
-@pytest.mark.parametrize("name,cls", [("AdamW", "torch.optim.adamw.AdamW"), ("adamw8bit", "bitsandbytes.optim.adamw.AdamW8bit")])
-def test_optimizer_table(name, cls):
-    opt = optim.build_optimizer(_cfg(optimizer_type=name, optimizer_args=["weight_decay=0.05"]), _params())
-    assert f"{type(opt).__module__}.{type(opt).__name__}" == cls
-    assert opt.param_groups[0]["weight_decay"] == 0.05
-
-
-def test_use_8bit_adam_is_adamw8bit_and_escape_hatch():
-    assert optim.optimizer_name(_cfg(use_8bit_adam=True)) == "AdamW8bit"
-    opt = optim.build_optimizer(_cfg(optimizer_type="torch.optim.SGD"), _params())
-    assert isinstance(opt, torch.optim.SGD)
-
-
-def test_optimizer_errors():
-    with pytest.raises(UserError, match="not supported yet: --optimizer_type Lion"):
-        optim.build_optimizer(_cfg(optimizer_type="Lion"), _params())
-    with pytest.raises(UserError, match="needs the 'no_such_pkg' package"):
-        optim.build_optimizer(_cfg(optimizer_type="no_such_pkg.Opt"), _params())
-    with pytest.raises(UserError, match="--optimizer_args for AdamW"):
-        optim.build_optimizer(_cfg(optimizer_args=["bogus=1"]), _params())
-
-
-def test_warmup_steps_int_or_ratio():
-    assert optim.warmup_steps(_cfg(lr_warmup_steps=7), 100) == 7
-    assert optim.warmup_steps(_cfg(lr_warmup_steps=0.1), 100) == 10
-    assert optim.warmup_steps(_cfg(lr_warmup_steps=0.05), 30) == 2  # ceil(1.5)
-
-
-def _lrs(cfg, total):
-    opt = optim.build_optimizer(cfg, _params())
-    sched = optim.build_scheduler(cfg, opt, total)
-    lrs = []
-    for _ in range(total):
-        lrs.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    return lrs
-
-
-def test_scheduler_values():
-    assert _lrs(_cfg(lr_scheduler="constant"), 3) == [1e-3] * 3
-    warm = _lrs(_cfg(lr_scheduler="constant_with_warmup", lr_warmup_steps=2), 4)
-    assert warm == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
-    assert _lrs(_cfg(lr_scheduler="linear"), 4) == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
-    cosine = _lrs(_cfg(lr_scheduler="cosine"), 4)
-    assert cosine == pytest.approx([1e-3, 1e-3 * (1 + 0.7071067811865476) / 2, 5e-4, 1e-3 * (1 - 0.7071067811865476) / 2])
-
-
-def test_scheduler_errors():
-    with pytest.raises(UserError, match="not supported yet: --lr_scheduler polynomial"):
-        _lrs(_cfg(lr_scheduler="polynomial"), 2)
-    with pytest.raises(UserError, match="constant_with_warmup"):
-        _lrs(_cfg(lr_scheduler="constant", lr_warmup_steps=3), 2)
+from library import losses
 
 
 def test_training_target_epsilon_and_v():

@@ -102,6 +102,20 @@ def test_prefix_and_token_limit_count(data):
     assert report.token_limit == 150 and report.long_captions == []
 
 
+def test_long_captions_use_each_subsets_prefix(data, tmp_path):
+    # 3_chars gets a two-word suffix from its subset, 2_small none: the command line's prefix goes to both
+    path = tmp_path / "ds.toml"
+    path.write_text(f'[general]\nresolution = 64\n[[datasets]]\n  [[datasets.subsets]]\n'
+                    f'  image_dir = "{data / "3_chars"}"\n  caption_suffix = "very long"\n'
+                    f'  [[datasets.subsets]]\n  image_dir = "{data / "2_small"}"\n', encoding="utf-8")
+    from library.config import parse_args
+
+    cfg = parse_args(["--dataset_config", str(path), "--caption_prefix", "photo"])
+    report = build_report(build_dataset(cfg), cfg, count_words)
+    assert [(os.path.basename(c["image"]), c["tokens"]) for c in report.long_captions] == [
+        ("c0.png", 83), ("c1.png", 79), ("c2.png", 77), ("c3.png", 77), ("c4.png", 77)]
+
+
 def test_schedule_follows_the_trainer():
     assert schedule_length(2, 5, None) == (5, 3)
     assert schedule_length(7, 1600, 2) == (14, 2)
@@ -155,7 +169,7 @@ def test_debug_dataset_lists_first_batches(data):
     pairs = [(p, c) for b in expected for p, c in zip(b["image_paths"], b["captions"])]
     for line, (path, caption) in zip(sample_lines, pairs):
         assert line.startswith(f"  {path}  ") and line.endswith(f"caption: {caption!r}")
-        assert "-> bucket 64x64" in line or "32x48 -> bucket 48x80" in line
+        assert "-> 64x64 -> bucket 64x64" in line or "32x48 -> 53x80 -> bucket 48x80" in line
 
 
 def test_regularisation_samples_are_the_balanced_ones(data, tmp_path):

@@ -11,22 +11,25 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from library.dataset.buckets import Size
 from library.dataset.captions import normalize_extension, read_caption
-from library.dataset.image_check import image_problem
-from library.dataset.masks import is_mask_file
+from library.dataset.image_check import inspect_image
+from library.dataset.images import IMAGE_EXTENSIONS, Augmentation
+from library.dataset.masks import MaskSource, is_mask_file
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LAYOUT = "<train_data_dir>/<repeats>_<concept>/image.png + image.caption"
 
 
 @dataclass
 class Subset:
-    """One `<repeats>_<concept>` folder: its images and their resolved captions."""
+    """One `<repeats>_<concept>` folder (or one metadata_file, see finetune.py): its images, their sizes
+    (as seen, from the scan) and their resolved captions; a dataset config may give it its own
+    augmentation and mask settings (None: the dataset's)."""
 
-    image_dir: str
+    image_dir: str | None
     num_repeats: int
     class_tokens: str
     is_reg: bool = False
@@ -34,11 +37,23 @@ class Subset:
     captions: list[str] = field(default_factory=list)
     num_caption_files: int = 0
     skipped_images: list[str] = field(default_factory=list)  # "path (why)", left out by --skip_bad_images
+    sizes: list[Size] = field(default_factory=list)  # one per image, read while checking it
+    metadata_file: str | None = None  # a fine-tuning subset's metadata JSON
+    tag_texts: list[str] | None = None  # what ss_tag_frequency counts when not the captions (fine-tuning)
+    buckets: list[Size] | None = None  # the metadata's train_resolution per image, when every entry has one
+    augment: Augmentation | None = None
+    masks: MaskSource | None = None
 
     @property
     def name(self) -> str:
-        """The folder name, the key kohya uses in ss_dataset_dirs and ss_tag_frequency."""
-        return os.path.basename(os.path.normpath(self.image_dir))
+        """The key kohya uses in ss_dataset_dirs and ss_tag_frequency: the folder name, or the
+        metadata file's name for a fine-tuning subset."""
+        return os.path.basename(os.path.normpath(self.metadata_file or self.image_dir))
+
+    @property
+    def label(self) -> str:
+        """Where the subset comes from, as the report shows it: the metadata file, else the folder."""
+        return self.metadata_file or self.image_dir
 
     @property
     def img_count(self) -> int:
@@ -65,14 +80,14 @@ def list_images(folder: str) -> list[str]:
     ]
 
 
-def usable_images(paths: list[str], skip_bad_images: bool, skipped: list[str]) -> list[str]:
-    """The images that pass image_check; bad ones raise one UserError naming them, or with
-    skip_bad_images are appended to `skipped` as "path (why)" and left out."""
-    usable, bad = [], []
+def usable_images(paths: list[str], skip_bad_images: bool, skipped: list[str]) -> dict[str, Size]:
+    """{path: size} of the images that pass image_check (in `paths` order); bad ones raise one UserError
+    naming them, or with skip_bad_images are appended to `skipped` as "path (why)" and left out."""
+    usable, bad = {}, []
     for path in paths:
-        problem = image_problem(path)
+        size, problem = inspect_image(path)
         if problem is None:
-            usable.append(path)
+            usable[path] = size
         else:
             bad.append(f"{path} ({problem})")
     if bad and not skip_bad_images:
@@ -91,7 +106,7 @@ def load_subset(image_dir: str, num_repeats: int, class_tokens: str, caption_ext
     """
     subset = Subset(image_dir, num_repeats, class_tokens, is_reg)
     missing = 0
-    for path in usable_images(list_images(image_dir), skip_bad_images, subset.skipped_images):
+    for path, size in usable_images(list_images(image_dir), skip_bad_images, subset.skipped_images).items():
         caption = read_caption(path, caption_extension)
         if caption is None:
             missing += 1
@@ -99,6 +114,7 @@ def load_subset(image_dir: str, num_repeats: int, class_tokens: str, caption_ext
         else:
             subset.num_caption_files += 1
         subset.image_paths.append(path)
+        subset.sizes.append(size)
         subset.captions.append(caption)
     if missing:
         used = f"the class token '{class_tokens}'" if class_tokens else "an empty caption"

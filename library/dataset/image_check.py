@@ -7,6 +7,8 @@ download or copy cut short fails that test. Only a file that fails it is decoded
 some writers append data after the end marker (phone "motion photos" put a video after the JPEG);
 such a file is fine if it decodes. Damage in the middle of an intact-looking file is not seen here:
 it stops the run when the image is first decoded (caching or training), naming the file.
+
+The size bucketing needs comes from the same scan (inspect_image), so each header is read once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import struct
 
 import imagesize
 from PIL import Image
+
+from library.dataset.buckets import Size
+from library.dataset.images import image_size
+from library.errors import UserError
 
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk with its CRC
 _JPEG_END = b"\xff\xd9"
@@ -55,16 +61,31 @@ def _decode_error(path: str) -> str | None:
     return None
 
 
-def image_problem(path: str) -> str | None:
-    """Why the image cannot be used, or None. The header is read with imagesize, not PIL: the EXIF
-    orientation does not matter here, and that read is 4x faster for a JPEG."""
+UNREADABLE = "unreadable: not an image, or a damaged one"
+
+
+def inspect_image(path: str) -> tuple[Size | None, str | None]:
+    """(size as the image is seen, None) for a usable image, else (None, why it cannot be used).
+
+    The size is images.image_size's (EXIF orientation applied), read once here for both questions."""
     try:
-        width, height = imagesize.get(path)
-        if width > 0 and height > 0 and ends_complete(path):
-            return None
-    except (OSError, ValueError):
-        width = height = -1
+        size = image_size(path)
+    except UserError:
+        size = None  # PIL opens some formats (WebP) by decoding: a cut file fails here already
+    try:
+        if size is not None and ends_complete(path):
+            return size, None
+        width, height = imagesize.get(path)  # only on this slow path: is there a header at all?
+    except OSError:
+        return None, UNREADABLE
     if width <= 0 or height <= 0:
-        return "unreadable: not an image, or a damaged one"
+        return None, UNREADABLE
     error = _decode_error(path)
-    return None if error is None else f"truncated or damaged: {error}"
+    if error is None and size is not None:
+        return size, None
+    return None, f"truncated or damaged: {error or 'its header cannot be read'}"
+
+
+def image_problem(path: str) -> str | None:
+    """Why the image cannot be used, or None (see inspect_image)."""
+    return inspect_image(path)[1]

@@ -20,6 +20,8 @@ from library.dataset.buckets import Size, center_crop_offsets
 from library.errors import UserError
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # matched case-insensitively
+
 # kohya v0.10's --resize_interpolation names. kohya resizes with cv2 except for lanczos and box; sdtune
 # resizes with PIL only, so each cv2 filter maps to its PIL counterpart (cv2's INTER_AREA is an area
 # average: PIL's BOX; cv2's INTER_NEAREST_EXACT picks the same pixels as PIL's NEAREST).

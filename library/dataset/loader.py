@@ -8,7 +8,6 @@ smaller), in an order shuffled deterministically from (seed, epoch).
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -16,9 +15,11 @@ from typing import Callable
 import torch
 
 from library.dataset import buckets as bk
+from library.dataset.batch_loader import BatchLoader, EpochSampler  # noqa: F401  (the package's names)
 from library.dataset.captions import CaptionOptions, process_caption, tag_frequency
-from library.dataset.folders import Subset, discover_subsets
-from library.dataset.images import PLAIN, Augmentation, image_size, load_pixels, random_crop_offsets
+from library.dataset.command_line import command_line_subsets
+from library.dataset.folders import Subset
+from library.dataset.images import PLAIN, Augmentation, load_pixels, random_crop_offsets
 from library.dataset.masks import NO_MASKS, MaskSource, full_mask, latent_mask
 from library.dataset.report import schedule_length
 from library.errors import UserError
@@ -40,6 +41,9 @@ class ImageRecord:
     caption_options: CaptionOptions | None = None  # its subset's (--dataset_config); None: the dataset's
     resolution: bk.Size | None = None  # multi-resolution: the training size this copy is placed at
     image_index: int = -1  # multi-resolution: the index of its image in TrainDataset.records
+    augment: Augmentation | None = None  # its subset's (--dataset_config); None: the dataset's
+    masks: MaskSource | None = None  # likewise
+    metadata_bucket: bk.Size | None = None  # a fine-tuning entry's train_resolution: its bucket, as in kohya
 
     @property
     def cache_key(self) -> str:
@@ -100,7 +104,10 @@ class BucketSettings:
     def place(self, record: ImageRecord, predefined: list[bk.Size]) -> None:
         """Set the record's bucket, resized size and aspect-ratio error."""
         width, height = record.size
-        if self.enable_bucket and self.no_upscale:
+        if record.metadata_bucket is not None:  # covered and cropped, never stretched as kohya does
+            bucket = record.metadata_bucket
+            placed = (bucket, bk.cover_size(record.size, bucket), bucket[0] / bucket[1] - width / height)
+        elif self.enable_bucket and self.no_upscale:
             area = self.resolution[0] * self.resolution[1]
             placed = bk.no_upscale_bucket(width, height, area, self.steps)
             if min(placed[0]) == 0:
@@ -272,13 +279,16 @@ class TrainDataset:
             step = group_step[0] if group_step else self.clock.step(epoch, index) if self.clock else 0
         members = [self.variants[i] for i in self._batches[index]]
         rngs = [self._image_rng(index, position) for position in range(len(members))]
-        flipped = [self.augment.flip and rng.random() < 0.5 for rng in rngs]  # drawn first: same with a cache
+        # drawn first, so the same with a cache
+        flipped = [self.augment_of(r).flip and rng.random() < 0.5 for r, rng in zip(members, rngs)]
         images = latents = None
-        masks = self._masks(members, rngs, flipped, index) if self.masks.enabled else None
+        # a batch where some samples have masks gives the others all-ones masks: plain loss for them
+        masked = any(self.masks_of(r).enabled for r in members)
+        masks = self._masks(members, rngs, flipped, index) if masked else None
         if self.latent_cache is not None:
             latents = torch.stack([self._latents(r, flip) for r, flip in zip(members, flipped)])
         else:
-            images = torch.stack([load_pixels(r.path, r.resized, r.bucket, self.augment, rng, flip)
+            images = torch.stack([load_pixels(r.path, r.resized, r.bucket, self.augment_of(r), rng, flip)
                                   for r, rng, flip in zip(members, rngs, flipped)])
         return {
             "images": images,
@@ -288,8 +298,18 @@ class TrainDataset:
             "flipped": torch.tensor(flipped, dtype=torch.bool),
             "network_multiplier": self.network_multiplier,
             "image_paths": [r.path for r in members],
+            "buckets": [r.bucket for r in members],  # with several resolutions, this sample's own
+            "resized": [r.resized for r in members],
             "masks": masks,
         }
+
+    def augment_of(self, record: ImageRecord) -> Augmentation:
+        """The record's augmentation: its subset's, else the dataset's."""
+        return self.augment if record.augment is None else record.augment
+
+    def masks_of(self, record: ImageRecord) -> MaskSource:
+        """The record's mask source: its subset's, else the dataset's."""
+        return self.masks if record.masks is None else record.masks
 
     def _masks(self, members: list[ImageRecord], rngs: list[random.Random], flipped: list[bool],
                index: int) -> torch.Tensor:
@@ -297,7 +317,7 @@ class TrainDataset:
         masks = []
         for position, (record, rng, flip) in enumerate(zip(members, rngs, flipped)):
             drop_rng = random.Random(f"{self.seed}:{self.epoch}:{index}:{position}:mask")
-            if self.masks.drops_mask(drop_rng):
+            if not self.masks_of(record).enabled or self.masks_of(record).drops_mask(drop_rng):
                 masks.append(full_mask(record.bucket))
             elif self.latent_cache is not None:
                 masks.append(self._cached_mask(record, flip))
@@ -309,12 +329,13 @@ class TrainDataset:
         """The mask cut as load_pixels will cut the image: it draws the crop window first from the same
         stream, so a copy of the stream (taken before the pixels are loaded) gives the same window."""
         offsets = None
-        if self.augment.random_crop:
+        augment = self.augment_of(record)
+        if augment.random_crop:
             replay = random.Random()
             replay.setstate(rng.getstate())
             offsets = random_crop_offsets(record.resized, record.bucket, replay)
-        return latent_mask(self.masks, record.path, record.size, record.resized, record.bucket,
-                           self.augment.interpolation, offsets, flip)
+        return latent_mask(self.masks_of(record), record.path, record.size, record.resized, record.bucket,
+                           augment.interpolation, offsets, flip)
 
     def _cached_mask(self, record: ImageRecord, flip: bool) -> torch.Tensor:
         """The cached (unflipped) latent-size mask; mirrored at latent size for a flipped occurrence
@@ -353,6 +374,11 @@ class TrainDataset:
         steps = self.settings.steps
         if self.settings.enable_bucket and steps % min_steps:
             raise UserError(f"--bucket_reso_steps {steps} must be divisible by {min_steps} for this model")
+        for record in self.records:  # a metadata file's train_resolution is checked here, for the model
+            bucket = record.metadata_bucket
+            if bucket is not None and (bucket[0] % min_steps or bucket[1] % min_steps):
+                raise UserError(f"train_resolution {list(bucket)} of {record.path} in its metadata file: both "
+                                f"sides must be divisible by {min_steps} for this model")
 
     def bucket_counts(self) -> dict[bk.Size, int]:
         """Images per bucket, repeats included, in sorted bucket order (summed over resolutions)."""
@@ -382,7 +408,8 @@ class TrainDataset:
             target = reg_dirs if subset.is_reg else dirs
             target[subset.name] = {"n_repeats": subset.num_repeats, "img_count": subset.img_count}
             counts = tags.setdefault(subset.name, {})
-            for tag, n in tag_frequency(subset.captions).items():
+            texts = subset.captions if subset.tag_texts is None else subset.tag_texts
+            for tag, n in tag_frequency(texts).items():
                 counts[tag] = counts.get(tag, 0) + n
         return {
             "num_train_images": sum(s_.num_repeats * s_.img_count for s_ in self.subsets if not s_.is_reg),
@@ -392,7 +419,7 @@ class TrainDataset:
             "tag_frequency": tags,
             "bucket_info": self._bucket_info(),
             "resolution": s.resolution,
-            "enable_bucket": s.enable_bucket,
+            "enable_bucket": s.enable_bucket or self.metadata_buckets,
             "bucket_no_upscale": s.no_upscale,
             "min_bucket_reso": s.min_reso,
             "max_bucket_reso": s.max_reso,
@@ -401,9 +428,14 @@ class TrainDataset:
             "num_batches_per_epoch": len(self),
         }
 
+    @property
+    def metadata_buckets(self) -> bool:
+        """Buckets come from a metadata file's train_resolution (kohya then turns bucketing on)."""
+        return any(r.metadata_bucket is not None for r in self.records)
+
     def _bucket_info(self) -> dict | None:
         """kohya's ss_bucket_info: used buckets numbered in sorted order, and the mean |ar error| per image."""
-        if not self.settings.enable_bucket:
+        if not (self.settings.enable_bucket or self.metadata_buckets):
             return None
         buckets = {i: {"resolution": list(reso), "count": n} for i, (reso, n) in enumerate(self.bucket_counts().items())}
         mean_error = sum(abs(r.ar_error) for r in self.records) / len(self.records)
@@ -421,23 +453,18 @@ def build_dataset(cfg) -> TrainDataset:
 
         group = build_config_datasets(cfg)
         for dataset in group.datasets:
-            dataset.masks = MaskSource.from_cfg(cfg)
+            dataset.masks = MaskSource.from_cfg(cfg, check_face_crop=False)  # records carry their subset's
             _log_summary(dataset)
-        group.clock = make_clock(cfg, len(group))
+        group.clock = make_clock(cfg, len(group), _warmup_ratio(group.records))
+        for dataset in group.datasets:  # the group hands each batch its step; its datasets need the run length
+            dataset.clock = group.clock
         return group
-    settings = BucketSettings.from_cfg(cfg)
-    if not getattr(cfg, "train_data_dir", None):
-        raise UserError("--train_data_dir is required: a folder holding <repeats>_<concept> sub-folders of images")
-    extension = getattr(cfg, "caption_extension", ".caption") or ".caption"
-    skip = bool(getattr(cfg, "skip_bad_images", False))
-    subsets = discover_subsets(cfg.train_data_dir, extension, skip_bad_images=skip)
-    if getattr(cfg, "reg_data_dir", None):  # "" is off, as GUI-written files hold it
-        subsets += discover_subsets(cfg.reg_data_dir, extension, is_reg=True, skip_bad_images=skip)
-    records = _split_reg([
-        ImageRecord(path, caption, subset.num_repeats, subset.is_reg, image_size(path))
-        for subset in subsets
-        for path, caption in zip(subset.image_paths, subset.captions)
-    ])
+    if getattr(cfg, "resolution", None) is not None:  # a bad --resolution fails before the scan
+        BucketSettings.from_cfg(cfg)
+    masks = MaskSource.from_cfg(cfg)
+    subsets = command_line_subsets(cfg, masks)
+    settings = settings_for(cfg, subsets)
+    records = _split_reg([record for subset in subsets for record in subset_records(subset)])
     predefined = settings.predefined()
     for record in records:
         settings.place(record, predefined)
@@ -445,82 +472,69 @@ def build_dataset(cfg) -> TrainDataset:
     seed = getattr(cfg, "seed", None) or 0
     dataset = TrainDataset(subsets, records, settings, batch_size, seed, CaptionOptions.from_cfg(cfg))
     dataset.augment = Augmentation.from_cfg(cfg)
-    dataset.masks = MaskSource.from_cfg(cfg)
+    dataset.masks = masks
     dataset.clock = make_clock(cfg, len(dataset))
     _log_summary(dataset)
     return dataset
 
 
-def make_clock(cfg, batches_per_epoch: int) -> StepClock:
+def subset_records(subset: Subset, caption_options: CaptionOptions | None = None) -> list[ImageRecord]:
+    """One record per image of a subset, with the sizes read while scanning and the subset's settings."""
+    buckets = subset.buckets or [None] * subset.img_count
+    return [ImageRecord(path, caption, subset.num_repeats, subset.is_reg, size, caption_options=caption_options,
+                        augment=subset.augment, masks=subset.masks, metadata_bucket=bucket)
+            for path, caption, size, bucket in zip(subset.image_paths, subset.captions, subset.sizes, buckets)]
+
+
+def settings_for(cfg, subsets: list[Subset], where: str = "") -> BucketSettings:
+    """The bucket settings of a dataset: BucketSettings.from_cfg, with kohya's rules for fine-tuning
+    subsets whose metadata gives every image its bucket (train_resolution): used only when every subset of
+    the dataset has them; they turn bucketing on, --resolution may then be left out (the largest bucket
+    stands for it) and --bucket_no_upscale cannot apply."""
+    fixed = [s for s in subsets if s.buckets is not None]
+    if fixed and len(fixed) < len(subsets):
+        logger.info("%sonly some subsets give train_resolution buckets: buckets come from the resolution", where)
+        for subset in fixed:
+            subset.buckets = None
+        fixed = []
+    if not fixed:
+        return _bucket_settings(cfg, where)
+    name = fixed[0].metadata_file
+    if getattr(cfg, "bucket_no_upscale", False):
+        raise UserError(f"{where}{name} gives every image its bucket (train_resolution): --bucket_no_upscale "
+                        "cannot apply; remove it (kohya refuses it too)")
+    if getattr(cfg, "resolution", None) is None:
+        return BucketSettings(max((b for s in fixed for b in s.buckets), key=lambda b: b[0] * b[1]))
+    settings = _bucket_settings(cfg, where)
+    if settings.resolutions:
+        raise UserError(f"{where}{name} gives every image its bucket (train_resolution): a multi-resolution "
+                        "--resolution cannot apply")
+    return settings
+
+
+def _bucket_settings(cfg, where: str) -> BucketSettings:
+    try:
+        return BucketSettings.from_cfg(cfg)
+    except UserError as exc:
+        raise UserError(f"{where}{exc}") from None
+
+
+def _warmup_ratio(records: list[ImageRecord]) -> bool:
+    """Some subset's token_warmup_step is a ratio of the run (below 1)."""
+    return any(r.caption_options is not None and 0 < r.caption_options.token_warmup_step < 1 for r in records)
+
+
+def make_clock(cfg, batches_per_epoch: int, warmup_ratio: bool = False) -> StepClock:
     """The dataset's StepClock: token warmup needs the optimizer step in every DataLoader worker, and
-    with a token_warmup_step below 1 the run's length (library.dataset.report.schedule_length)."""
+    with a token_warmup_step below 1 (the option's, or some subset's) the run's length
+    (library.dataset.report.schedule_length)."""
     accumulation = int(getattr(cfg, "gradient_accumulation_steps", 1) or 1)
     max_steps = 0
-    if 0 < (getattr(cfg, "token_warmup_step", 0) or 0) < 1:
+    if warmup_ratio or 0 < (getattr(cfg, "token_warmup_step", 0) or 0) < 1:
         steps_per_epoch = -(-batches_per_epoch // accumulation)
         max_steps, _ = schedule_length(steps_per_epoch, getattr(cfg, "max_train_steps", None),
                                        getattr(cfg, "max_train_epochs", None))
     return StepClock(batches_per_epoch, accumulation, max_steps)
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, batch index): DataLoader workers, persistent ones included, then plan the
-    epoch's batches in their own copy of the dataset instead of keeping the order they were forked with."""
-
-    def __init__(self, dataset: TrainDataset):
-        self.dataset = dataset
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter([(self.epoch, i) for i in range(len(self.dataset))])
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-
-class _ErrorsAsData(torch.utils.data.Dataset):
-    """A UserError raised inside a DataLoader worker reaches the user as a multi-line traceback;
-    hand it back as data instead, so the main process raises it as the usual one line."""
-
-    def __init__(self, dataset: TrainDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        try:
-            return self.dataset[index]
-        except UserError as exc:
-            return {"user_error": str(exc)}
-
-
-class BatchLoader:
-    """Batches of a TrainDataset for the training loop. Workers decode images in parallel (kohya's
-    rule: at most one per CPU); cached latents are already in memory, so then the main process serves."""
-
-    def __init__(self, dataset: TrainDataset, max_workers: int | None, persistent: bool):
-        workers = 0 if dataset.latent_cache is not None else min(max_workers or 0, os.cpu_count() or 1)
-        self.sampler = EpochSampler(dataset)
-        # Worker seeds come from this generator, never from the global one, so the training noise is
-        # the same whatever the worker settings.
-        generator = torch.Generator().manual_seed(dataset.seed)
-        self._loader = torch.utils.data.DataLoader(
-            _ErrorsAsData(dataset), batch_size=None, sampler=self.sampler, num_workers=workers,
-            persistent_workers=persistent and workers > 0, generator=generator,
-        )
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        for batch in self._loader:
-            if "user_error" in batch:
-                raise UserError(batch["user_error"])
-            yield batch
 
 
 def _log_summary(dataset: TrainDataset) -> None:

@@ -113,8 +113,8 @@ def build_report(dataset, cfg, count_tokens: Callable[[str], int]) -> Report:
     """The report of a built TrainDataset under `cfg`.
 
     `count_tokens(caption)` is the family tokenizer's token count without the start / end markers;
-    every caption of a multi-caption file is checked, with --caption_prefix / --caption_suffix added
-    (they are part of every sample's text).
+    every caption of a multi-caption file is checked, with its subset's caption_prefix / caption_suffix
+    (else --caption_prefix / --caption_suffix) added: they are part of every sample's text.
     """
     # a --dataset_config group: each dataset has its own buckets and batch size
     buckets = [row for part in getattr(dataset, "datasets", [dataset]) for row in _bucket_rows(part)]
@@ -145,7 +145,7 @@ def _subset_row(subset, records) -> SubsetRow:
     """Samples are counted from the dataset's records: regularisation repeats are set there."""
     paths = set(subset.image_paths)
     samples = sum(r.num_repeats for r in records if r.path in paths and r.is_reg == subset.is_reg)
-    return SubsetRow(subset.image_dir, subset.is_reg, subset.img_count, subset.num_repeats, samples,
+    return SubsetRow(subset.label, subset.is_reg, subset.img_count, subset.num_repeats, samples,
                      subset.num_caption_files, subset.img_count - subset.num_caption_files, subset.class_tokens)
 
 
@@ -169,10 +169,11 @@ def _bucket_rows(dataset) -> list[BucketRow]:
 
 def _long_captions(records, cfg, count_tokens, limit: int) -> list[dict]:
     """Images with a caption (any line of a multi-caption file) longer than `limit` tokens."""
-    prefix = getattr(cfg, "caption_prefix", None)
-    suffix = getattr(cfg, "caption_suffix", None)
     found = []
     for record in records:
+        options = record.caption_options
+        prefix = options.prefix if options is not None else getattr(cfg, "caption_prefix", None)
+        suffix = options.suffix if options is not None else getattr(cfg, "caption_suffix", None)
         lines = [" ".join(p for p in (prefix, line, suffix) if p) for line in record.caption.split("\n")]
         tokens = max(count_tokens(line) for line in lines)
         if tokens > limit:
@@ -238,18 +239,20 @@ def _upscale_lines(report: Report) -> list[str]:
 
 def debug_dataset(dataset, max_batches: int = 4) -> str:
     """kohya's --debug_dataset as text: the samples of the first `max_batches` batches of epoch 0
-    (path, size, bucket, regularisation flag, caption as processed). Goes through dataset[...] as
-    training does, so those images are decoded and an unreadable one is reported here too."""
-    by_path = {r.path: r for r in dataset.records}
+    (path, image size, the size it is resized to and the bucket it is cut to in that batch, which with
+    several resolutions is this occurrence's own; regularisation flag; caption as processed). Goes
+    through dataset[...] as training does, so those images are decoded and an unreadable one is reported
+    here too."""
+    sizes = {r.path: r.size for r in dataset.records}
     count = min(max_batches, len(dataset))
     lines = [f"debug_dataset: {len(dataset)} batches per epoch of up to {dataset.batch_size} images; "
              f"the first {count} of epoch 1"]
     for index in range(count):
         batch = dataset[(0, index)]
         lines.append(f"batch {index + 1}: {len(batch['captions'])} samples")
-        for path, caption, is_reg in zip(batch["image_paths"], batch["captions"], batch["is_reg"].tolist()):
-            record = by_path[path]
-            reg = ", reg" if is_reg else ""
-            lines.append(f"  {path}  {record.size[0]}x{record.size[1]} -> bucket "
-                         f"{record.bucket[0]}x{record.bucket[1]}{reg}  caption: {caption!r}")
+        for path, resized, bucket, caption, is_reg in zip(batch["image_paths"], batch["resized"], batch["buckets"],
+                                                          batch["captions"], batch["is_reg"].tolist()):
+            size, reg = sizes[path], ", reg" if is_reg else ""
+            lines.append(f"  {path}  {size[0]}x{size[1]} -> {resized[0]}x{resized[1]} -> bucket "
+                         f"{bucket[0]}x{bucket[1]}{reg}  caption: {caption!r}")
     return "\n".join(lines) + "\n"

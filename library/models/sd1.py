@@ -257,6 +257,33 @@ class SD1Family:
         """The UNet's output: noise (or v with --v_parameterization)."""
         return self.unet(noisy_latents, timesteps, text_embeds).sample
 
+    # --- sample images (library/sampling.py) -----------------------------------------------------
+
+    def pipeline(self, scheduler):
+        """A diffusers pipeline over this family's live modules (no copies of weights), so sample images
+        show the network patched into them."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], unet=self.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def prompt_embeds(self, prompt: str, negative_prompt: str) -> dict:
+        """The pipeline's text arguments for a sample prompt: encoded like training captions (--clip_skip,
+        --max_token_length), with A1111 weights as kohya's samples use."""
+        ids, weights = self.tokenize_weighted([prompt, negative_prompt])
+        states = self.encode_text(ids, weights)
+        return {"prompt_embeds": states[:1], "negative_prompt_embeds": states[1:]}
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (times the scaling factor) -> pixels in [-1, 1], computed in the VAE's own dtype."""
+        param = next(self.vae.parameters())
+        return self.vae.decode(latents.to(param.device, param.dtype) / self.vae.config.scaling_factor).sample
+
 
 @contextlib.contextmanager
 def _no_transformers_progress_bar():
