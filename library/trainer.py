@@ -11,7 +11,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from library import caching, losses, optim, precision, state
+from library import caching, losses, optim, precision, sampling, state
 from library.config import parse_args, write_output_config
 from library.dataset import BatchLoader, build_dataset
 from library.dataset.report import build_report, schedule_length
@@ -61,6 +61,8 @@ class Run:
         from accelerate.utils import set_seed
 
         check_required(cfg)
+        optim.validate(cfg)  # names, packages and argument keys: checked before anything loads
+        self.sampler = sampling.Sampler.from_config(cfg)  # a bad prompt file stops the run here
         caching.resolve_cache_options(cfg)
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise UserError("--mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
@@ -138,8 +140,6 @@ class Run:
 
     def cache_latents(self) -> None:
         """Encode every image once; the VAE then leaves memory, or waits on the CPU for sample images."""
-        from library import sampling
-
         device = self.accelerator.device
         vae = self.family.vae.to(device)
         cache = caching.make_latent_cache(self.cfg, vae)
@@ -338,19 +338,14 @@ class Run:
             logger.warning("%s", line)
 
     def _sample_before_training(self) -> None:
-        """Read --sample_prompts (a bad file stops the run here), then --sample_at_first (library/sampling.py)."""
-        from library import sampling
-
-        self.sampler = sampling.Sampler.from_config(self.cfg)
+        """--sample_at_first (library/sampling.py); the prompt file was read when the run was built."""
         if self.sampler is not None and self.cfg.sample_at_first:
             self.sampler.round(self, epoch=0, steps=0)  # kohya names this round as epoch 0
 
     def _sample_on_step(self, step: int, epoch: int) -> None:
         """--sample_every_n_steps; also the last epoch's --sample_every_n_epochs round, as the loop
         ends there without calling _after_epoch (library/sampling.py)."""
-        from library import sampling
-
-        sampler, cfg = getattr(self, "sampler", None), self.cfg
+        sampler, cfg = self.sampler, self.cfg
         if sampler is None:
             return
         if sampling.due_on_step(cfg, step):
@@ -360,9 +355,7 @@ class Run:
 
     def _sample_on_epoch(self, epoch: int, steps: int) -> None:
         """--sample_every_n_epochs (library/sampling.py)."""
-        from library import sampling
-
-        sampler = getattr(self, "sampler", None)
+        sampler = self.sampler
         if sampler is not None and sampling.due_on_epoch(self.cfg, epoch):
             sampler.round(self, epoch=epoch, steps=steps)
 
@@ -410,7 +403,8 @@ class Run:
 
     def _step_logs(self, current: float, average: float) -> dict:
         """This step's figures; hooks that ran since the last step may have added to extra_logs."""
-        logs = {"loss/current": current, "loss/average": average, **self.extra_logs}
+        logs = {"loss/current": current, "loss/average": average, **self.extra_logs,
+                **optim.adaptive_lr_logs(self.optimizer, self.group_names)}
         self.extra_logs.clear()
         for name, lr in zip(self.group_names, self.lr_scheduler.get_last_lr()):
             logs[f"lr/{name}"] = lr

@@ -18,7 +18,7 @@ import train_network
 from library import sampling
 from library.errors import UserError
 from library.sampling import SamplePrompt, load_prompts
-from tests.conftest import train_argv
+from tests.conftest import files_under, train_argv
 
 TXT = """# kohya's line format
 a red square --w 64 --h 48 --s 2 --d 7
@@ -244,7 +244,7 @@ def test_epoch_rounds_include_the_last_epoch(tiny_model_dir, demo_data, tmp_path
     assert np.asarray(Image.open(out / "sample" / names[0])).std() > 0  # a real picture, not flat or black
 
 
-def test_bad_prompt_file_stops_before_the_first_step(tiny_model_dir, demo_data, tmp_path, capsys):
+def test_bad_prompt_file_stops_before_anything_is_written(tiny_model_dir, demo_data, tmp_path, capsys):
     prompts = _write(tmp_path, "p.txt", "fine\nbroken --x 1\n")
     out = tmp_path / "out"
     argv = train_argv(tiny_model_dir, demo_data, str(out), "--sample_prompts", prompts,
@@ -252,7 +252,7 @@ def test_bad_prompt_file_stops_before_the_first_step(tiny_model_dir, demo_data, 
     assert train_network.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {prompts}:2: unknown option --x (options: --n --w --h --s --l --d --ss)"]
-    assert not (out / "lora.safetensors").exists() and not (out / "sample").exists()
+    assert files_under(out) == []
 
 
 class _FakeEMA:
