@@ -183,6 +183,21 @@ def read_toml(path: str) -> dict:
         raise UserError(f"{path}: not valid TOML: the file is not UTF-8 text") from None
 
 
+def read_json(path: str, label: str, expected: str) -> dict:
+    """Read a JSON object; a missing, broken or non-object file is one line starting with `label`
+    (how the user named the file, e.g. "--dataset_config x.json"), `expected` saying what belongs in it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"{label}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected {expected}")
+    return data
+
+
 def flatten_sections(data: dict, path: str) -> dict:
     """kohya's rule: every top-level table is merged one level up, section names ignored, later wins."""
     flat: dict = {}

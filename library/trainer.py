@@ -257,17 +257,16 @@ class Run:
         """One epoch (0-based), from batch `skip` on (a resumed run skips what the state had trained)."""
         cfg, acc = self.cfg, self.accelerator
         self.dataset.set_epoch(epoch)
-        self.loader.sampler.set_epoch(epoch)
+        self.loader.sampler.set_epoch(epoch, start=skip)
         self.method.on_epoch_start()
         self.network.train()
         optim.train_mode(self.optimizer)
         epoch_losses: list[float] = []
         accumulated = []
-        last = len(self.loader) - 1
+        last = len(self.dataset) - 1
         started = time.perf_counter()
-        for index, batch in enumerate(self.loader):
-            if index < skip:
-                continue  # batches are a pure function of (seed, epoch, index): nothing else to replay
+        # batches are a pure function of (seed, epoch, index): a resumed epoch starts at `skip`, nothing to replay
+        for index, batch in enumerate(self.loader, start=skip):
             if index == last:
                 # accelerate ends an accumulation at the end of loaders it prepared, not of this one: the
                 # epoch's last batch steps the optimizer, so an epoch holds ceil(batches / accumulation) steps

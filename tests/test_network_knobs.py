@@ -24,6 +24,7 @@ from networks import blocks
 from networks import lora as lora_mod
 from networks.lora import LoRANetwork, create_network, lora_delta
 from tests.conftest import files_under, train_argv
+from tests.test_lora_network import _run_models
 
 torch.set_num_threads(1)
 
@@ -172,15 +173,6 @@ def _random_lora_file(comps, path, seed, **kwargs) -> str:
     return str(path)
 
 
-def _outputs(comps, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 49406, (2, 77), generator=g)
-    latents = torch.randn(2, 4, 8, 8, generator=g)
-    with torch.no_grad():
-        emb = comps["text_encoder"](ids)[0]
-        return emb, comps["unet"](latents, torch.tensor([10, 500]), emb).sample
-
-
 def test_base_weights_merge_equals_unmerged_networks(tiny, tmp_path):
     a = _random_lora_file(tiny, tmp_path / "a.safetensors", 1, conv_dim="2")
     b = _random_lora_file(tiny, tmp_path / "b.safetensors", 2)
@@ -195,9 +187,9 @@ def test_base_weights_merge_equals_unmerged_networks(tiny, tmp_path):
                                                       applied["unet"])
         net.apply_to(applied["text_encoder"], applied["unet"])
         net.load_weights(path)
-    emb, out = _outputs(merged)
-    emb_ref, out_ref = _outputs(applied)
-    assert (out - _outputs(build_sd1_components("tiny", seed=0))[1]).abs().max() > 1e-3
+    emb, out = _run_models(merged)
+    emb_ref, out_ref = _run_models(applied)
+    assert (out - _run_models(build_sd1_components("tiny", seed=0))[1]).abs().max() > 1e-3
     torch.testing.assert_close(emb, emb_ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=0)
 

@@ -16,15 +16,17 @@ class EpochSampler(torch.utils.data.Sampler):
     def __init__(self, dataset):
         self.dataset = dataset
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Serve `epoch` from batch `start` on (a resumed run skips, without loading, what it trained)."""
+        self.epoch, self.start = epoch, start
 
     def __iter__(self):
-        return iter([(self.epoch, i) for i in range(len(self.dataset))])
+        return iter([(self.epoch, i) for i in range(self.start, len(self.dataset))])
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) - self.start
 
 
 class _ErrorsAsData(torch.utils.data.Dataset):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -72,7 +71,7 @@ TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number",
 
 def read_dataset_config(path: str) -> dict:
     """The file as a dict: `.toml` or `.json`, as kohya accepts; a missing or broken file is one line."""
-    from library.config import read_toml
+    from library.config import read_json, read_toml  # library.config imports this package
 
     lower = path.lower()
     if lower.endswith(".toml"):
@@ -81,16 +80,7 @@ def read_dataset_config(path: str) -> dict:
         return read_toml(path)
     if not lower.endswith(".json"):
         raise UserError(f"--dataset_config {path}: expected a .toml or .json file")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise UserError(f"--dataset_config {path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected an object with 'general' and 'datasets'")
-    return data
+    return read_json(path, f"--dataset_config {path}", "an object with 'general' and 'datasets'")
 
 
 def _check_type(kind: str, value: Any) -> Any:

@@ -22,7 +22,6 @@ ss_tag_frequency counts the tags of entries that also have a caption, under the 
 
 from __future__ import annotations
 
-import json
 import os
 
 from library.dataset.buckets import Size
@@ -33,15 +32,10 @@ from library.errors import UserError
 
 def read_metadata(path: str, where: str = "") -> dict:
     """The metadata JSON as {image key: entry}; a missing, broken or misshapen file is one line."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise UserError(f"{where}metadata file {path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected an object of image keys, e.g. {{\"img001\": {{\"caption\": \"...\"}}}}")
+    from library.config import read_json  # library.config imports this package
+
+    data = read_json(path, f"{where}metadata file {path}",
+                     'an object of image keys, e.g. {"img001": {"caption": "..."}}')
     for key, entry in data.items():
         if not isinstance(entry, dict):
             raise UserError(f"{path}: {key!r}: expected an object with \"caption\" and/or \"tags\"")
