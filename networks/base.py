@@ -101,6 +101,10 @@ def load_network_module(name: str) -> ModuleType:
         hint = " (pip install lycoris-lora?)" if name.split(".")[0] == "lycoris" else ""
         missing = f" ({exc.name} is missing)" if exc.name and not name.startswith(exc.name) else ""
         raise UserError(f"--network_module {name}: module not found{hint or missing}") from None
+    if module.__name__.split(".")[0] == "lycoris":
+        from networks import lycoris_compat
+
+        module = lycoris_compat.adapt(module)
     if not callable(getattr(module, "create_network", None)):
         raise UserError(f"--network_module {name}: the module has no create_network function; "
                         "give a kohya-style network module such as networks.lora")
