@@ -136,8 +136,17 @@ def _ignored_schedule_options(cfg, facts: RunFacts) -> list[str]:
     return []
 
 
+def _fused_clipping(cfg, facts: RunFacts) -> list[str]:
+    """With --fused_backward_pass no step ever sees all the gradients, so --max_grad_norm (default 1) clips
+    each tensor by its own norm, as kohya does: a different, weaker rule than the global norm it names."""
+    if not getattr(cfg, "fused_backward_pass", False) or not cfg.max_grad_norm:
+        return []
+    return [f"--fused_backward_pass clips each tensor's gradient to --max_grad_norm {cfg.max_grad_norm:g} on its own, "
+            "as kohya does (the norm over all of them is never known); --max_grad_norm 0 turns clipping off"]
+
+
 RULES: tuple[Callable, ...] = (_adaptive_rate, _alpha_above_dim, _warmup, _schedule_free, _small_buckets, _fp16,
-                               _ignored_schedule_options)
+                               _ignored_schedule_options, _fused_clipping)
 
 
 def rule_of_thumb_warnings(cfg, facts: RunFacts) -> list[str]:

@@ -14,13 +14,17 @@ import torch
 
 from library.config import text_encoder_lr
 from library.errors import UserError, not_supported
-from networks.base import load_network_module, parse_network_args
+from networks import detect
+from networks.base import PluginModule, PluginNetwork, load_plugin, parse_network_args
 
 logger = logging.getLogger(__name__)
 
 
 class NetworkMethod:
-    """A kohya network plug-in (`--network_module`) patched into the UNet and text encoder(s)."""
+    """A kohya network plug-in (`--network_module`) patched into the UNet and text encoder(s).
+
+    Every call to the plug-in goes through networks.base.PluginNetwork, which supplies the optional
+    hooks' defaults; `module` is the plug-in's torch module (what the optimizer and saving see)."""
 
     name = "network"
 
@@ -29,14 +33,16 @@ class NetworkMethod:
         self.family = family
         self.train_unet = not cfg.network_train_text_encoder_only
         self.train_text_encoder = not cfg.network_train_unet_only
-        module = load_network_module(cfg.network_module)
+        plugin = load_plugin(cfg.network_module)
         kwargs = parse_network_args(cfg.network_args)
+        check_weights_files(cfg, kwargs)  # a file the module cannot hold fails before anything loads
         # kohya hands SD1/SD2 networks the encoder itself and SDXL networks the list of both.
         encoders = family.text_encoders
         text_encoder = encoders[0] if len(encoders) == 1 else encoders
-        merge_base_weights(module, cfg, family, text_encoder)
-        self.network = self._create_network(module, kwargs, text_encoder)
+        merge_base_weights(plugin, cfg, family, text_encoder)
+        self.network = self._create_network(plugin, kwargs, text_encoder)
         self._check_network_options()
+        self.network.prepare_network(cfg)
         self.network.apply_to(text_encoder, family.unet, self.train_text_encoder, self.train_unet)
         if cfg.network_weights:
             info = self.network.load_weights(cfg.network_weights)
@@ -44,7 +50,7 @@ class NetworkMethod:
         self._text_encoder = text_encoder
         self._multiplier = 1.0
 
-    def _create_network(self, module, kwargs: dict, text_encoder):
+    def _create_network(self, plugin: PluginModule, kwargs: dict, text_encoder) -> PluginNetwork:
         """create_network from --network_dim / --network_alpha, or (--dim_from_weights) a network shaped
         after --network_weights, whose ranks and alphas it takes per layer."""
         cfg, family = self.cfg, self.family
@@ -53,21 +59,18 @@ class NetworkMethod:
                 raise UserError("--dim_from_weights needs --network_weights (the file whose ranks to use)")
             if cfg.network_dropout:
                 logger.warning("--network_dropout is not applied with --dim_from_weights (as in kohya)")
-            network, _ = module.create_network_from_weights(1.0, cfg.network_weights, family.vae, text_encoder,
+            network, _ = plugin.create_network_from_weights(1.0, cfg.network_weights, family.vae, text_encoder,
                                                             family.unet, **kwargs)
-        else:
-            network = module.create_network(1.0, cfg.network_dim, cfg.network_alpha, family.vae, text_encoder,
-                                            family.unet, neuron_dropout=cfg.network_dropout, **kwargs)
-        if network is None:
-            raise UserError(f"--network_module {cfg.network_module}: create_network returned nothing")
-        return network
+            return network
+        return plugin.create_network(1.0, cfg.network_dim, cfg.network_alpha, family.vae, text_encoder,
+                                     family.unet, neuron_dropout=cfg.network_dropout, **kwargs)
 
     def _check_network_options(self) -> None:
         """Options that need something of the network or the run, checked before anything is written."""
         cfg, network = self.cfg, self.network
         if cfg.scale_weight_norms is not None and cfg.scale_weight_norms < 0:
             raise UserError(f"--scale_weight_norms {cfg.scale_weight_norms}: must be positive (0 or unset: off)")
-        if cfg.scale_weight_norms and not callable(getattr(network, "apply_max_norm_regularization", None)):
+        if cfg.scale_weight_norms and not network.can_scale_weight_norms:
             raise UserError(f"--scale_weight_norms: --network_module {cfg.network_module} has no "
                             "apply_max_norm_regularization")
         epochs = cfg.text_encoder_train_epochs
@@ -76,7 +79,7 @@ class NetworkMethod:
         if epochs < 1:
             raise UserError(f"--text_encoder_train_epochs {epochs}: must be at least 1 "
                             "(to train the U-Net only, use --network_train_unet_only)")
-        if not hasattr(network, "text_encoder_loras"):
+        if network.text_encoder_layers is None:
             raise UserError(f"--text_encoder_train_epochs: --network_module {cfg.network_module} does not list "
                             "its text_encoder_loras")
         # DDP fixes the set of trained parameters when it wraps the network; freezing later would hang it.
@@ -87,9 +90,8 @@ class NetworkMethod:
         """Optimizer parameter groups and a name for each (used to label learning rates in logs)."""
         cfg = self.cfg
         te_lr = text_encoder_lr(cfg.text_encoder_lr, len(self.family.text_encoders))
-        result = self.network.prepare_optimizer_params(te_lr, cfg.unet_lr, cfg.learning_rate)
-        groups, names = result if isinstance(result, tuple) else (result, None)
-        if names is None or len(names) != len(groups):
+        groups, names = self.network.prepare_optimizer_params(te_lr, cfg.unet_lr, cfg.learning_rate)
+        if names is None:
             names = self._default_group_names(len(groups))
         if not any(p.requires_grad for g in groups for p in g["params"]):
             raise UserError(f"--network_module {cfg.network_module}: no trainable parameters")
@@ -102,10 +104,14 @@ class NetworkMethod:
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.network
+        return self.network.module
 
     def on_epoch_start(self) -> None:
         self.network.on_epoch_start(self._text_encoder, self.family.unet)
+
+    def on_step_start(self) -> None:
+        """Before each batch (kohya calls it inside the accumulation context)."""
+        self.network.on_step_start(self._text_encoder, self.family.unet)
 
     def prepare_grad(self) -> None:
         self.network.prepare_grad_etc(self._text_encoder, self.family.unet)
@@ -124,10 +130,7 @@ class NetworkMethod:
         Parameters without a gradient are skipped by optimizers, weight decay and momentum included, so
         the layers keep their values exactly; the text encoder also runs without building a graph.
         """
-        for lora in self.network.text_encoder_loras:
-            for param in lora.parameters():
-                param.requires_grad_(False)
-                param.grad = None  # an unfinished accumulation must not reach the next step
+        self.network.freeze_text_encoder()
         self.train_text_encoder = False
 
     def set_multiplier(self, multiplier: float) -> None:
@@ -140,7 +143,17 @@ class NetworkMethod:
         self.network.save_weights(path, dtype, metadata)
 
 
-def merge_base_weights(module, cfg, family, text_encoder) -> None:
+def check_weights_files(cfg, kwargs: dict) -> None:
+    """--network_weights and --base_weights files whose algorithm the --network_module cannot load are
+    refused with the options that would load them (networks/detect.py). Base weights, like
+    --dim_from_weights, build their network from the file, so lycoris' algo= does not matter there."""
+    module = cfg.network_module
+    detect.check_weights_module(cfg.network_weights, module, kwargs, from_weights=bool(cfg.dim_from_weights))
+    for path in cfg.base_weights or []:
+        detect.check_weights_module(path, module, {}, flag="--base_weights", from_weights=True)
+
+
+def merge_base_weights(plugin: PluginModule, cfg, family, text_encoder) -> None:
     """--base_weights: bake each network file into the base models (times its --base_weights_multiplier,
     1 when not given) before the trained network is applied, as kohya does, with the same network module."""
     paths = cfg.base_weights or []
@@ -150,7 +163,7 @@ def merge_base_weights(module, cfg, family, text_encoder) -> None:
                        len(multipliers), len(paths))
     for i, path in enumerate(paths):
         multiplier = multipliers[i] if i < len(multipliers) else 1.0
-        network, weights_sd = module.create_network_from_weights(multiplier, path, family.vae, text_encoder,
+        network, weights_sd = plugin.create_network_from_weights(multiplier, path, family.vae, text_encoder,
                                                                  family.unet, for_inference=True)
         if not network.is_mergeable():
             raise UserError(f"--base_weights {path}: --network_module {cfg.network_module} cannot merge it")

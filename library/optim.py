@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from library import fused_backward
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -238,11 +239,9 @@ def validate(cfg) -> None:
 
 
 def check_optimizer(cfg) -> None:
-    """The optimizer's name, package and argument keys, and --fused_backward_pass."""
-    if getattr(cfg, "fused_backward_pass", False):
-        raise UserError("not supported yet: --fused_backward_pass (kohya builds it only for full SDXL fine-tuning "
-                        "with Adafactor; a network's gradients are too small for it to save memory)")
+    """The optimizer's name, package and argument keys, and whether --fused_backward_pass can run with it."""
     row = optimizer_row(cfg)
+    fused_backward.check(cfg, row)
     cls = optimizer_class(cfg)
     check_keys(optimizer_kwargs(cfg, row), cls, "optimizer_args", row.name, strict=row.name in _NAMES)
 

@@ -296,9 +296,10 @@ OPTIMIZER = _group("optimizer", [
     _opt("lr_scheduler_num_cycles", int, 1, "cycles of cosine_with_restarts (and cosine_with_min_lr, "
          "warmup_stable_decay)", supported=S),
     _opt("lr_scheduler_power", float, 1, "power of the polynomial schedule", supported=S),
-    # refused by library.optim with the reason, so the row is open here
-    _flag("fused_backward_pass", "step the optimizer inside backward (refused: kohya builds it only for full SDXL "
-          "fine-tuning with Adafactor)", supported=S),
+    # library.fused_backward refuses the optimizers and settings it cannot run exactly, with the reason
+    _flag("fused_backward_pass", "update each parameter inside backward as soon as its gradient is ready, so "
+          "gradients are never all held (per-tensor optimizers only: AdamW, Adafactor, Lion, SGD, 8-bit forms)",
+          supported=S),
     _opt("lr_scheduler_timescale", int, None, "timescale of the inverse_sqrt schedule (default: the warmup, "
          "or 10000)", supported=S),
     _opt("lr_scheduler_min_lr_ratio", float, None, "final learning rate as a ratio of the peak (cosine_with_min_lr, "

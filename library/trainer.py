@@ -11,7 +11,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from library import caching, losses, optim, precision, sampling, state
+from library import caching, fused_backward, losses, optim, precision, sampling, state
 from library.config import parse_args, write_output_config
 from library.dataset import BatchLoader, build_dataset
 from library.dataset.report import build_report, schedule_length
@@ -155,6 +155,8 @@ class Run:
         if getattr(self, "network", None) is not None:
             return
         acc, fam = self.accelerator, self.family
+        if self.cfg.fused_backward_pass:
+            fused_backward.check_processes(acc.num_processes)  # before the latent cache writes anything
         if self.cfg.cache_latents:
             self.cache_latents()
         else:
@@ -173,6 +175,7 @@ class Run:
             self.method.module, self.optimizer, self.lr_scheduler
         )
         self.method.prepare_grad()
+        self.fused = fused_backward.install(self.cfg, self.optimizer)
         self.resumed = state.load_state(self) if self.cfg.resume else None
 
     def step_loss(self, batch) -> torch.Tensor:
@@ -272,13 +275,15 @@ class Run:
                 # epoch's last batch steps the optimizer, so an epoch holds ceil(batches / accumulation) steps
                 acc.step = cfg.gradient_accumulation_steps - 1
             with acc.accumulate(self.network):
+                self.method.on_step_start()
                 loss = self.step_loss(batch)
                 accumulated.append(loss.item())
                 state.check_finite(accumulated[-1], self.global_step + 1, self.last_saved)
                 acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm:
-                    acc.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
+                if self.fused is None:  # --fused_backward_pass stepped each parameter inside backward
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_(self.network.parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             if not acc.sync_gradients:

@@ -1,114 +1,311 @@
-"""kohya's network plug-in protocol, and how a `--network_module` is found and configured.
+"""kohya's network plug-in protocol, and the one adapter through which sdtune talks to a plug-in.
 
 A network module is any importable Python module (``networks.lora``, ``networks.dylora``,
-``lycoris.kohya`` from the lycoris-lora package, a user's own file on ``sys.path``) that offers the
-two factory functions of :class:`NetworkModule`. The objects they return follow :class:`Network`.
+``lycoris.kohya`` from the lycoris-lora package, a user's own file on ``sys.path``). It must define two
+factory functions; the network object they return must be a ``torch.nn.Module`` with four methods.
+Everything else is optional: :class:`PluginNetwork` supplies a default when a hook is missing, so no
+other part of sdtune asks a plug-in what it has.
 
-What the trainer calls, and when (library/methods.py):
+Required of the module:
 
-0. With ``--base_weights``: for each file, ``module.create_network_from_weights(multiplier, file, vae,
-   text_encoder, unet, for_inference=True)``, then ``is_mergeable()`` and ``merge_to(text_encoder, unet,
-   weights_sd, dtype, "cpu")``: the files are baked into the base models before anything else.
-1. ``module.create_network(multiplier, dim, alpha, vae, text_encoder, unet, neuron_dropout, **kwargs)``
-   builds the network from ``--network_dim``, ``--network_alpha``, ``--network_dropout`` and the
-   parsed ``--network_args`` (``kwargs`` values are the raw strings). With ``--dim_from_weights``
-   the trainer calls ``create_network_from_weights(1.0, network_weights, vae, text_encoder, unet,
-   **kwargs)`` instead, which reads dims and alphas from the file.
-2. ``network.apply_to(text_encoder, unet, apply_text_encoder, apply_unet)`` hooks the network into
-   the models; ``--network_train_unet_only`` / ``--network_train_text_encoder_only`` pick the halves.
-3. ``network.load_weights(file)`` when ``--network_weights`` is given.
-4. ``network.prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr)`` gives the optimizer's
-   parameter groups and a description per group (used as the learning-rate log names).
-5. ``network.enable_gradient_checkpointing()`` when ``--gradient_checkpointing``;
-   ``network.prepare_grad_etc(text_encoder, unet)`` before the loop.
-6. Each epoch: ``network.on_epoch_start(text_encoder, unet)``, then ``network.train()``.
-7. After each optimizer step, with ``--scale_weight_norms``: ``network.apply_max_norm_regularization(
-   max_norm, device)`` -> (layers scaled, mean norm, max norm), logged as ``max_norm/*``. A network
-   without it is refused when the option is given.
-8. With ``--text_encoder_train_epochs N``, after epoch N: every parameter of ``network.text_encoder_loras``
-   gets ``requires_grad_(False)``, so optimizers skip it (a network without that list is refused).
-9. Saving: ``network.save_weights(file, dtype, metadata)``; ``dtype`` is the ``--save_precision``
-   dtype (None keeps the training dtype), ``metadata`` the ``ss_*`` / ``modelspec.*`` strings.
+- ``create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None,
+  **kwargs)`` -> network: a fresh network; ``kwargs`` are the ``--network_args`` as strings.
+- ``create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None,
+  for_inference=False, **kwargs)`` -> (network, state dict): a network shaped after a saved file
+  (``--dim_from_weights``, ``--base_weights``, tools).
 
-Merging tools use ``create_network_from_weights(..., for_inference=True)`` followed by
-``is_mergeable()`` and ``merge_to(text_encoder, unet, weights_sd, dtype, device)``, as in step 0.
-``text_encoder`` is one model, or a list of models for families with two text encoders (SDXL).
+Required of the network:
+
+- ``apply_to(text_encoder, unet, apply_text_encoder, apply_unet)``: hook into the models.
+- ``prepare_optimizer_params(text_encoder_lr, unet_lr, default_lr)`` -> (groups, descriptions), or a
+  list of groups only (kohya's older form; a two-argument ``(text_encoder_lr, unet_lr)`` form is
+  called with the learning rates already resolved).
+- ``save_weights(file, dtype, metadata)`` and ``load_weights(file)``.
+
+Optional hooks of the network, and what happens without them:
+
+- ``prepare_network(args)``: called once after creation with the resolved options (nothing).
+- ``prepare_optimizer_params_with_multiple_te_lrs(...)``: takes one learning rate per text encoder
+  (SDXL); without it the first ``--text_encoder_lr`` is used, as kohya does.
+- ``prepare_grad_etc(text_encoder, unet)`` (nothing), ``on_epoch_start(text_encoder, unet)``
+  (``network.train()``), ``on_step_start(text_encoder, unet)`` (nothing),
+  ``enable_gradient_checkpointing()`` (nothing), ``get_trainable_params()`` (all parameters).
+- ``set_multiplier(multiplier)``: a dataset's ``network_multiplier`` other than 1 is ignored, with a warning.
+- ``apply_max_norm_regularization(max_norm, device)`` -> (layers scaled, mean norm, max norm):
+  ``--scale_weight_norms`` is refused at start without it.
+- ``text_encoder_loras`` (a list of modules): ``--text_encoder_train_epochs`` is refused without it.
+- ``merge_to(text_encoder, unet, weights_sd, dtype, device)`` and ``is_mergeable()``: ``--base_weights``
+  and merging tools refuse a network without ``merge_to``.
+
+When the trainer calls what (library/methods.py): ``--base_weights`` files are merged first
+(``create_network_from_weights(..., for_inference=True)``, ``merge_to``); then ``create_network`` (or
+``create_network_from_weights`` with ``--dim_from_weights``), ``prepare_network``, ``apply_to``,
+``load_weights`` (``--network_weights``, after networks/detect.py has checked that the module can hold
+the file), ``prepare_optimizer_params``, ``enable_gradient_checkpointing``, ``prepare_grad_etc``; each
+epoch ``on_epoch_start``, each batch ``set_multiplier`` and ``on_step_start``, after each optimizer step
+``apply_max_norm_regularization``; ``save_weights`` with the ``--save_precision`` dtype (None keeps
+the training dtype) and the ``ss_*`` / ``modelspec.*`` metadata. ``text_encoder`` is one model, or a list
+for families with two text encoders (SDXL).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
+import logging
 from types import ModuleType
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Iterable
 
 import torch
 
 from library.errors import UserError
 
+logger = logging.getLogger(__name__)
 
-@runtime_checkable
-class Network(Protocol):
-    """What a network object returned by a plug-in must offer."""
-
-    def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
-        """Hook the network into the models so that their forward passes include it."""
-
-    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr) -> tuple[list[dict], list[str]]:
-        """Parameter groups for the optimizer (a None lr falls back to `default_lr`) and their names."""
-
-    def load_weights(self, file: str) -> Any:
-        """Load saved weights into the applied network."""
-
-    def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
-        """Write the network's weights (cast to `dtype` when given) with `metadata`."""
-
-    def prepare_grad_etc(self, text_encoder, unet) -> None:
-        """Make the network's own parameters trainable before the loop starts."""
-
-    def on_epoch_start(self, text_encoder, unet) -> None:
-        """Called at the start of every epoch; switches the network to training mode."""
-
-    def get_trainable_params(self) -> Iterable[torch.nn.Parameter]:
-        """The parameters to clip gradients of and to save in training state."""
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Called when the models use gradient checkpointing (may do nothing)."""
-
-    def set_multiplier(self, multiplier: float) -> None:
-        """Scale the network's effect on the models' outputs (1.0 = as trained)."""
+MODULE_FUNCTIONS = ("create_network", "create_network_from_weights")
+NETWORK_METHODS = ("apply_to", "prepare_optimizer_params", "save_weights", "load_weights")
+OPTIONAL_HOOKS = ("prepare_network", "prepare_optimizer_params_with_multiple_te_lrs", "prepare_grad_etc",
+                  "on_epoch_start", "on_step_start", "enable_gradient_checkpointing", "get_trainable_params",
+                  "set_multiplier", "apply_max_norm_regularization", "merge_to", "is_mergeable")
 
 
-class NetworkModule(Protocol):
-    """What an importable `--network_module` must offer."""
+def _callable_attr(obj, name: str):
+    """`obj.<name>` when it is callable, else None: the one place where a plug-in is asked what it has."""
+    value = getattr(obj, name, None)
+    return value if callable(value) else None
 
-    def create_network(self, multiplier, network_dim, network_alpha, vae, text_encoder, unet,
-                       neuron_dropout=None, **kwargs) -> Network:
-        """A fresh network from dims, alphas and the parsed `--network_args` strings."""
 
-    def create_network_from_weights(self, multiplier, file, vae, text_encoder, unet, weights_sd=None,
-                                    for_inference=False, **kwargs) -> tuple[Network, dict]:
-        """A network shaped after a saved file (or `weights_sd`), and the state dict it read."""
+def _require(obj, names: Iterable[str], what: str) -> None:
+    """UserError listing the required functions `obj` lacks (`what` names it in the message)."""
+    missing = [name for name in names if _callable_attr(obj, name) is None]
+    if missing:
+        raise UserError(f"{what} has no {', '.join(missing)}; a network plug-in must offer "
+                        f"{', '.join(names)} (see the README's network plug-in protocol)")
 
 
 def load_network_module(name: str) -> ModuleType:
-    """Import the `--network_module` named `name`; a UserError when it is missing or not a network module."""
+    """Import the `--network_module` named `name`; a UserError when it is missing or lacks a required factory."""
     try:
         module = importlib.import_module(name)
+        if module.__name__.split(".")[0] == "lycoris":  # sdtune's side of lycoris.kohya, which imports it too
+            from networks import lycoris_compat
+
+            module = lycoris_compat.adapt(module)
     except ModuleNotFoundError as exc:
         # Only the module itself (or a parent package) missing is the user's problem; a missing
         # dependency *inside* an installed plug-in is reported the same way, naming what is missing.
         hint = " (pip install lycoris-lora?)" if name.split(".")[0] == "lycoris" else ""
         missing = f" ({exc.name} is missing)" if exc.name and not name.startswith(exc.name) else ""
         raise UserError(f"--network_module {name}: module not found{hint or missing}") from None
-    if module.__name__.split(".")[0] == "lycoris":
-        from networks import lycoris_compat
-
-        module = lycoris_compat.adapt(module)
-    if not callable(getattr(module, "create_network", None)):
-        raise UserError(f"--network_module {name}: the module has no create_network function; "
-                        "give a kohya-style network module such as networks.lora")
+    _require(module, MODULE_FUNCTIONS, f"--network_module {name}: the module")
     return module
+
+
+def load_plugin(name: str) -> PluginModule:
+    """The `--network_module` named `name`, wrapped in the protocol's adapter."""
+    return PluginModule(load_network_module(name), name)
+
+
+class PluginModule:
+    """A network module as sdtune uses it: its two factories, returning :class:`PluginNetwork` objects."""
+
+    def __init__(self, module, name: str):
+        _require(module, MODULE_FUNCTIONS, f"--network_module {name}: the module")
+        self.name = name
+        self._module = module
+
+    def create_network(self, multiplier: float, network_dim, network_alpha, vae, text_encoder, unet,
+                       neuron_dropout=None, **kwargs) -> PluginNetwork:
+        """A fresh network from dims, alphas and the parsed `--network_args` strings."""
+        network = self._module.create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet,
+                                              neuron_dropout=neuron_dropout, **kwargs)
+        return PluginNetwork(network, self.name, "create_network")
+
+    def create_network_from_weights(self, multiplier: float, file, vae, text_encoder, unet, weights_sd=None,
+                                    for_inference: bool = False, **kwargs) -> tuple[PluginNetwork, dict]:
+        """A network shaped after `file` (or `weights_sd`) and the state dict it read. Keywords a plug-in
+        may not know are passed only when set, as kohya's trainer does."""
+        if weights_sd is not None:
+            kwargs["weights_sd"] = weights_sd
+        if for_inference:
+            kwargs["for_inference"] = True
+        result = self._module.create_network_from_weights(multiplier, file, vae, text_encoder, unet, **kwargs)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise UserError(f"--network_module {self.name}: create_network_from_weights returned "
+                            f"{type(result).__name__}, not (network, state dict)")
+        network, state_dict = result
+        return PluginNetwork(network, self.name, "create_network_from_weights"), state_dict
+
+
+class PluginNetwork:
+    """The network a plug-in built, behind the protocol: required methods are checked here, once, and
+    every optional hook has its default. `module` is the plug-in's own torch module (what the optimizer,
+    accelerate, EMA and state saving see)."""
+
+    def __init__(self, network, source: str, factory: str = "create_network"):
+        if network is None:
+            raise UserError(f"--network_module {source}: {factory} returned None; it must return the network "
+                            "to train (check its --network_args)")
+        if not isinstance(network, torch.nn.Module):
+            raise UserError(f"--network_module {source}: {factory} returned a {type(network).__name__}, "
+                            "not a torch.nn.Module")
+        _require(network, NETWORK_METHODS, f"--network_module {source}: its network ({type(network).__name__})")
+        self.module = network
+        self.source = source
+        self._warned_multiplier = False
+
+    def _hook(self, name: str):
+        """The plug-in's optional hook `name`, or None. Looked up at each call: a plug-in may offer a hook
+        only in some configurations (lycoris' max norm, for algorithms that have one)."""
+        assert name in OPTIONAL_HOOKS, name
+        return _callable_attr(self.module, name)
+
+    # --- required -------------------------------------------------------------------------------
+
+    def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        """Hook the network into the models; the halves not applied are not trained."""
+        self.module.apply_to(text_encoder, unet, apply_text_encoder, apply_unet)
+
+    def load_weights(self, file: str):
+        return self.module.load_weights(file)
+
+    def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
+        self.module.save_weights(file, dtype, metadata)
+
+    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr) -> tuple[list[dict], list[str] | None]:
+        """Parameter groups (each a dict whose "params" is a list) and their names, or None for the names
+        when the plug-in gives none. `text_encoder_lr` may be a list, one per text encoder."""
+        several = self._hook("prepare_optimizer_params_with_multiple_te_lrs")
+        if isinstance(text_encoder_lr, (list, tuple)):
+            if several is not None:
+                return optimizer_groups(several(text_encoder_lr, unet_lr, default_lr), self.source)
+            text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None  # kohya's rule for such networks
+        prepare = self.module.prepare_optimizer_params
+        if _positional_count(prepare) >= 3:
+            result = prepare(text_encoder_lr, unet_lr, default_lr)
+        else:  # kohya's older two-argument form has no default to fall back on: resolve it here
+            result = prepare(default_lr if text_encoder_lr is None else text_encoder_lr,
+                             default_lr if unet_lr is None else unet_lr)
+        return optimizer_groups(result, self.source)
+
+    # --- optional, with defaults ----------------------------------------------------------------
+
+    def prepare_network(self, args) -> None:
+        """kohya's hook to read the run's options (sdtune passes its resolved config); default: nothing."""
+        if (hook := self._hook("prepare_network")) is not None:
+            hook(args)
+
+    def prepare_grad_etc(self, text_encoder, unet) -> None:
+        """Before the loop; default: nothing (a fresh module's parameters already require gradients)."""
+        if (hook := self._hook("prepare_grad_etc")) is not None:
+            hook(text_encoder, unet)
+
+    def on_epoch_start(self, text_encoder, unet) -> None:
+        """At each epoch's start; default: training mode, which kohya's networks set here."""
+        if (hook := self._hook("on_epoch_start")) is not None:
+            hook(text_encoder, unet)
+        else:
+            self.module.train()
+
+    def on_step_start(self, text_encoder, unet) -> None:
+        """Before each batch; default: nothing."""
+        if (hook := self._hook("on_step_start")) is not None:
+            hook(text_encoder, unet)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """With --gradient_checkpointing; default: nothing (the models checkpoint their own blocks)."""
+        if (hook := self._hook("enable_gradient_checkpointing")) is not None:
+            hook()
+
+    def get_trainable_params(self) -> list[torch.nn.Parameter]:
+        """The parameters to clip; default: all of the network's."""
+        hook = self._hook("get_trainable_params")
+        return list(hook() if hook is not None else self.module.parameters())
+
+    def set_multiplier(self, multiplier: float) -> None:
+        """The network's strength; without the hook only 1.0 (as trained) is possible, as in kohya."""
+        if (hook := self._hook("set_multiplier")) is not None:
+            hook(multiplier)
+        elif multiplier != 1.0 and not self._warned_multiplier:
+            logger.warning("--network_module %s has no set_multiplier: network_multiplier %s is ignored",
+                           self.source, multiplier)
+            self._warned_multiplier = True
+
+    @property
+    def can_scale_weight_norms(self) -> bool:
+        return self._hook("apply_max_norm_regularization") is not None
+
+    def apply_max_norm_regularization(self, max_norm: float, device) -> tuple[int, float, float]:
+        """--scale_weight_norms: (layers scaled, mean norm, max norm), as plain numbers for the logs."""
+        hook = self._hook("apply_max_norm_regularization")
+        if hook is None:
+            raise UserError(f"--scale_weight_norms: --network_module {self.source} has no "
+                            "apply_max_norm_regularization")
+        scaled, mean, top = hook(max_norm, device)
+        return int(scaled), float(mean), float(top)
+
+    @property
+    def text_encoder_layers(self) -> list[torch.nn.Module] | None:
+        """kohya's `text_encoder_loras`, read when asked (apply_to may replace the list); None without it."""
+        layers = getattr(self.module, "text_encoder_loras", None)
+        return None if layers is None else list(layers)
+
+    def freeze_text_encoder(self) -> None:
+        """Stop training the text encoder's layers: no gradient, so optimizers leave them exactly as they are."""
+        layers = self.text_encoder_layers
+        if layers is None:
+            raise UserError(f"--text_encoder_train_epochs: --network_module {self.source} does not list "
+                            "its text_encoder_loras")
+        for layer in layers:
+            for param in layer.parameters():
+                param.requires_grad_(False)
+                param.grad = None  # an unfinished accumulation must not reach the next step
+
+    def is_mergeable(self) -> bool:
+        """Whether merge_to can bake this network into the models: its own answer, else whether it has merge_to."""
+        if self._hook("merge_to") is None:
+            return False
+        hook = self._hook("is_mergeable")
+        return hook is None or bool(hook())
+
+    def merge_to(self, text_encoder, unet, weights_sd: dict, dtype, device) -> None:
+        """Bake `weights_sd` into the models' weights (--base_weights, merging tools)."""
+        hook = self._hook("merge_to")
+        if hook is None:
+            raise UserError(f"--network_module {self.source}: its network has no merge_to; it cannot be merged")
+        hook(text_encoder, unet, weights_sd, dtype, device)
+
+
+def _positional_count(function) -> int:
+    """How many positional arguments `function` takes (a large number for *args)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: assume the current form
+        return 3
+    kinds = [p.kind for p in parameters]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return 99
+    return sum(kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for kind in kinds)
+
+
+def optimizer_groups(result, source: str) -> tuple[list[dict], list[str] | None]:
+    """What prepare_optimizer_params returned, as (groups, names or None): a (groups, descriptions) tuple
+    or a bare list; groups are dicts with "params", or bare parameters (one group). Each group's "params"
+    becomes a list, so a generator is not used up by the first reader."""
+    groups, names = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
+    try:
+        groups = list(groups)
+    except TypeError:
+        groups = None
+    if groups and all(isinstance(group, torch.Tensor) for group in groups):
+        groups = [{"params": groups}]
+    if not groups or not all(isinstance(group, dict) and "params" in group for group in groups):
+        raise UserError(f"--network_module {source}: prepare_optimizer_params must return parameter groups "
+                        "(dicts with 'params'), optionally with their descriptions")
+    groups = [{**group, "params": list(group["params"])} for group in groups]
+    names = [str(name) for name in names] if names is not None and len(names) == len(groups) else None
+    return groups, names
 
 
 def parse_network_args(items: list[str] | None) -> dict[str, str]:

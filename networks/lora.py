@@ -110,12 +110,24 @@ class LoRAModule(torch.nn.Module):
 
     def _rank_mask(self, lx: torch.Tensor) -> torch.Tensor:
         """A keep-mask over the rank channel, one draw per sample, broadcastable to `lx`."""
-        mask = (torch.rand(lx.shape[0], self.lora_dim, device=lx.device) > self.rank_dropout).to(lx.dtype)
+        rank = lx.shape[1] if lx.dim() == 4 else lx.shape[-1]  # DyLoRA runs fewer ranks than lora_dim
+        mask = (torch.rand(lx.shape[0], rank, device=lx.device) > self.rank_dropout).to(lx.dtype)
         if lx.dim() == 3:  # (batch, tokens, rank)
             return mask.unsqueeze(1)
         if lx.dim() == 4:  # (batch, rank, h, w)
             return mask[:, :, None, None]
         return mask
+
+    @property
+    def trainable(self) -> bool:
+        """False once frozen during the run (--text_encoder_train_epochs)."""
+        return any(p.requires_grad for p in self.parameters())
+
+    @torch.no_grad()
+    def scale_change_(self, ratio: float) -> None:
+        """Multiply the layer's change by `ratio`: up and down alike, so neither outgrows the other."""
+        for param in self.parameters():
+            param.mul_(ratio ** 0.5)
 
     def get_weight(self, multiplier: float | None = None) -> torch.Tensor:
         """This layer's weight change, shaped like the wrapped layer's weight (float32)."""
@@ -137,15 +149,18 @@ class LoRAModule(torch.nn.Module):
 class LoRANetwork(torch.nn.Module):
     """All LoRA layers of one network. Attribute names follow kohya's (tools reach for them)."""
 
+    module_class = LoRAModule  # networks.dylora puts its own layer kind here
+
     def __init__(self, text_encoder, unet, multiplier: float = 1.0, lora_dim: int = 4, alpha: float = 1.0,
                  dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None, conv_lora_dim: int | None = None,
                  conv_alpha: float | None = None, modules_dim: dict[str, int] | None = None,
-                 modules_alpha: dict[str, float] | None = None, block_plan: blocks.BlockDims | None = None):
+                 modules_alpha: dict[str, float] | None = None, block_plan: blocks.BlockDims | None = None,
+                 module_kwargs: dict | None = None):
         """Either (lora_dim, alpha, conv_lora_dim, conv_alpha) for every layer, per-block U-Net ranks
         (`block_plan`; the text encoder keeps lora_dim and alpha), or per-layer `modules_dim` /
         `modules_alpha` (a network shaped after a file: layers not in it are skipped). A rank of 0 or
-        None leaves a layer out."""
+        None leaves a layer out. `module_kwargs` go to every layer's `module_class`."""
         super().__init__()
         self.multiplier = multiplier
         self.lora_dim, self.alpha = lora_dim, alpha
@@ -162,8 +177,8 @@ class LoRANetwork(torch.nn.Module):
             dim, layer_alpha = self._dim_alpha(layer, modules_dim, modules_alpha)
             if not dim:
                 continue
-            lora = LoRAModule(layer.name, layer.module, multiplier, dim, layer_alpha,
-                              dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
+            lora = self.module_class(layer.name, layer.module, multiplier, dim, layer_alpha, dropout=dropout,
+                                     rank_dropout=rank_dropout, module_dropout=module_dropout, **(module_kwargs or {}))
             (self.unet_loras if layer.is_unet else self.text_encoder_loras).append(lora)
             self.add_module(lora.lora_name, lora)
         logger.info("LoRA: %d text encoder modules, %d U-Net modules", len(self.text_encoder_loras),
@@ -332,12 +347,11 @@ class LoRANetwork(torch.nn.Module):
             norm = lora.get_weight(multiplier=1.0).to(device).norm()
             floored = norm.clamp(min=max_norm_value / 2)
             ratio = float(floored.clamp(max=max_norm_value) / floored)
-            if not lora.lora_up.weight.requires_grad:
+            if not lora.trainable:
                 ratio = 1.0
             if ratio != 1:
                 scaled += 1
-                lora.lora_up.weight.mul_(ratio ** 0.5)
-                lora.lora_down.weight.mul_(ratio ** 0.5)
+                lora.scale_change_(ratio)
             norms.append(float(norm) * ratio)
         return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
 
@@ -364,9 +378,9 @@ def _dropout_arg(kwargs: dict, key: str) -> float | None:
     return value
 
 
-def _network_options(kwargs: dict, neuron_dropout: float | None) -> dict:
-    """Dropout settings shared by both factories, validated."""
-    check_network_args(kwargs, NETWORK_ARGS)
+def _network_options(kwargs: dict, neuron_dropout: float | None, known=NETWORK_ARGS) -> dict:
+    """Dropout settings shared by both factories (and networks.dylora's), validated."""
+    check_network_args(kwargs, known)
     if neuron_dropout is not None and not 0.0 <= neuron_dropout < 1.0:
         raise UserError(f"--network_dropout {neuron_dropout}: expected a probability in [0, 1)")
     return dict(dropout=neuron_dropout, rank_dropout=_dropout_arg(kwargs, "rank_dropout"),

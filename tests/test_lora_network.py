@@ -510,7 +510,8 @@ def test_network_args_errors(tiny):
 
 def test_load_network_module(monkeypatch):
     assert load_network_module("networks.lora") is lora_mod
-    monkeypatch.setitem(sys.modules, "lycoris", None)
+    for name in ("lycoris", "lycoris.kohya"):  # another test may have imported it already
+        monkeypatch.setitem(sys.modules, name, None)
     hint = r"^--network_module lycoris.kohya: module not found \(pip install lycoris-lora\?\)$"
     with pytest.raises(UserError, match=hint):
         load_network_module("lycoris.kohya")

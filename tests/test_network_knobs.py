@@ -22,6 +22,7 @@ from library.models.synthetic import build_sd1_components
 from library.trainer import Run
 from networks import blocks
 from networks import lora as lora_mod
+from networks.base import PluginModule, PluginNetwork
 from networks.lora import LoRANetwork, create_network, lora_delta
 from tests.conftest import files_under, train_argv
 from tests.test_lora_network import _run_models
@@ -179,7 +180,7 @@ def test_base_weights_merge_equals_unmerged_networks(tiny, tmp_path):
     merged = build_sd1_components("tiny", seed=0)
     cfg = SimpleNamespace(base_weights=[a, b], base_weights_multiplier=[0.5], network_module="networks.lora")
     family = SimpleNamespace(vae=None, unet=merged["unet"])
-    merge_base_weights(lora_mod, cfg, family, merged["text_encoder"])
+    merge_base_weights(PluginModule(lora_mod, "networks.lora"), cfg, family, merged["text_encoder"])
 
     applied = build_sd1_components("tiny", seed=0)
     for path, multiplier in ((a, 0.5), (b, 1.0)):  # the second file has no multiplier: 1
@@ -203,7 +204,7 @@ def test_run_merges_base_weights_and_takes_dims_from_weights(tiny_model_dir, dem
     run = Run(parse_args(argv), NetworkMethod)
 
     # ranks and alphas per layer from the file, not --network_dim; its weights loaded
-    network = run.method.network
+    network = run.method.module
     want = load_file(start)
     got = network.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -237,7 +238,8 @@ def test_network_without_max_norm_is_refused(tiny, monkeypatch):
     monkeypatch.delattr(LoRANetwork, "apply_max_norm_regularization")
     cfg = SimpleNamespace(scale_weight_norms=1.0, network_module="my.net", text_encoder_train_epochs=None)
     method = NetworkMethod.__new__(NetworkMethod)
-    method.cfg, method.network = cfg, create_network(1.0, 4, 1.0, None, tiny["text_encoder"], None)
+    method.cfg = cfg
+    method.network = PluginNetwork(create_network(1.0, 4, 1.0, None, tiny["text_encoder"], None), "my.net")
     with pytest.raises(UserError, match="--network_module my.net has no apply_max_norm_regularization"):
         method._check_network_options()
 

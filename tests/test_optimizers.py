@@ -122,7 +122,8 @@ def test_optimizer_args_reach_the_optimizer():
     (dict(optimizer_type="no_such_pkg.Opt"), "--optimizer_type no_such_pkg.Opt needs the 'no_such_pkg' package: "
                                              "pip install no_such_pkg"),
     (dict(optimizer_type="torch.optim.NoSuch"), "--optimizer_type torch.optim.NoSuch: torch.optim has no 'NoSuch'"),
-    (dict(fused_backward_pass=True), "not supported yet: --fused_backward_pass (kohya builds it only for full SDXL"),
+    (dict(fused_backward_pass=True, optimizer_type="Prodigy"),
+     "--fused_backward_pass with --optimizer_type Prodigy: it estimates one step size"),
 ])
 def test_optimizer_errors(kw, message):
     with pytest.raises(UserError) as info:

@@ -349,5 +349,5 @@ def test_dataset_network_multiplier_is_applied_per_batch(tiny_model_dir, demo_da
         batch = run.dataset[(0, i)]
         run.step_loss(batch)
         seen.add(batch["network_multiplier"])
-        assert {lora.multiplier for lora in run.method.network.loras} == {batch["network_multiplier"]}
+        assert {lora.multiplier for lora in run.method.module.loras} == {batch["network_multiplier"]}
     assert seen == {0.25, 1.0}
