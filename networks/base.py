@@ -343,3 +343,14 @@ def arg_number(kwargs: dict[str, Any], key: str, kind: type, default=None):
     except (TypeError, ValueError):
         expected = "an integer" if kind is int else "a number"
         raise UserError(f"--network_args {key}={value}: expected {expected}") from None
+
+
+def check_weights_fit(file: str, weights_sd: dict, own: dict, hint: str) -> None:
+    """A saved file must fit the network it is loaded into: same shape for every shared key, and at least
+    one shared key. `hint` says which options shape the network (e.g. "match --network_dim to the file")."""
+    for key, value in weights_sd.items():
+        if key in own and own[key].shape != value.shape:
+            raise UserError(f"{file}: {key} has shape {tuple(value.shape)}, this network needs "
+                            f"{tuple(own[key].shape)}; {hint}")
+    if not set(weights_sd) & set(own):
+        raise UserError(f"{file}: none of its keys belong to this network (one for another model?)")

@@ -26,7 +26,7 @@ import torch
 
 from library.errors import UserError, not_supported
 from networks import blocks
-from networks.base import arg_number, check_network_args
+from networks.base import arg_number, check_network_args, check_weights_fit
 from networks.targets import Layer, network_layers
 
 logger = logging.getLogger(__name__)
@@ -308,14 +308,8 @@ class LoRANetwork(torch.nn.Module):
     def load_weights(self, file: str):
         """Load a saved LoRA into this network. Shapes must match; other key differences are logged."""
         weights_sd = read_weights(file)
-        own = self.state_dict()
-        for key, value in weights_sd.items():
-            if key in own and own[key].shape != value.shape:
-                raise UserError(f"{file}: {key} has shape {tuple(value.shape)}, this network needs "
-                                f"{tuple(own[key].shape)}; match --network_dim / conv_dim to the file "
-                                "or use --dim_from_weights")
-        if not set(weights_sd) & set(own):
-            raise UserError(f"{file}: none of its keys belong to this network (a LoRA for another model?)")
+        check_weights_fit(file, weights_sd, self.state_dict(),
+                          "match --network_dim / conv_dim to the file or use --dim_from_weights")
         info = self.load_state_dict(weights_sd, strict=False)
         if info.unexpected_keys:
             logger.warning("%s: %d keys not used, e.g. %s", file, len(info.unexpected_keys), info.unexpected_keys[0])

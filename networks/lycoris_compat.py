@@ -47,7 +47,7 @@ from lycoris.modules.loha import LohaModule
 from lycoris.modules.lokr import LokrModule
 from lycoris.utils.preset import read_preset
 from lycoris.wrapper import network_module_dict
-from networks.base import arg_number
+from networks.base import arg_number, check_weights_fit
 from networks.lora import read_weights
 from networks.targets import TEXT_ENCODER_ROOT, lora_name, text_encoder_list
 
@@ -338,15 +338,9 @@ class LycorisNetwork(KohyaNetwork):
     def load_weights(self, file: str) -> dict:
         """Load a saved file into the applied layers; a UserError when the file does not fit them."""
         weights_sd = kohya_keys(read_weights(file), self.renames)
-        own = self.state_dict()
-        for key, value in weights_sd.items():
-            if key in own and own[key].shape != value.shape:
-                raise UserError(f"{file}: {key} has shape {tuple(value.shape)}, this network needs "
-                                f"{tuple(own[key].shape)}; give the network_args the file was trained with "
-                                "(algo, conv_dim, factor, ...) or use --dim_from_weights")
         self._check_algorithms(file, weights_sd)
-        if not set(weights_sd) & set(own):
-            raise UserError(f"{file}: none of its keys belong to this network (a network for another model?)")
+        check_weights_fit(file, weights_sd, self.state_dict(), "give the network_args the file was trained "
+                          "with (algo, conv_dim, factor, ...) or use --dim_from_weights")
         _reset_full_layers(self.loras)
         missing, unexpected = self.load_state_dict(weights_sd, strict=False)
         info = {}
