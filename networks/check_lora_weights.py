@@ -1,0 +1,6 @@
+"""kohya's old path of tools/check_lora_weights.py, kept for existing wrapper scripts."""
+import os, runpy  # noqa: E401
+
+if __name__ == "__main__":
+    runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "check_lora_weights.py"),
+                   run_name="__main__")
