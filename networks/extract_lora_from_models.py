@@ -1,0 +1,6 @@
+"""kohya's old path of tools/extract_lora_from_models.py, kept for existing wrapper scripts."""
+import os, runpy  # noqa: E401
+
+if __name__ == "__main__":
+    runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "extract_lora_from_models.py"),
+                   run_name="__main__")
