@@ -188,20 +188,10 @@ def resized_metadata(metadata: Mapping[str, str], layers: list[ResizedLayer], ne
 def read_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors (float32) and metadata of a LoRA / LoCon / DyLoRA .safetensors file; UserError otherwise,
     naming what the file holds (LoHa, LoKr, ... are not factored as up @ down and cannot be resized here)."""
-    from safetensors import SafetensorError, safe_open
-
+    from library.lora_inspect import read_network_file
     from networks.detect import detect_algorithm
 
-    if not os.path.isfile(path):
-        raise UserError(f"--model {path}: file not found")
-    if os.path.splitext(path)[1].lower() != ".safetensors":
-        raise UserError(f"--model {path}: give a .safetensors file (pickled .ckpt / .pt files are not loaded)")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"--model {path}: not a readable safetensors file ({exc})") from None
+    tensors, metadata = read_network_file(path, "--model")
     detected = detect_algorithm(tensors, metadata)
     if detected.algo not in RESIZABLE:
         what = "no network layers sdtune recognises" if detected.algo == "unknown" else f"a {detected.summary()}"

@@ -57,18 +57,9 @@ def output_path(save_to: str, rank: int) -> str:
 
 def read_dylora(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict and metadata of a LoRA-format .safetensors file; UserError when it is not one."""
-    from safetensors import SafetensorError, safe_open
+    from library.lora_inspect import read_network_file
 
-    if not os.path.isfile(path):
-        raise UserError(f"--model {path}: file not found")
-    if os.path.splitext(path)[1].lower() != ".safetensors":
-        raise UserError(f"--model {path}: give a .safetensors file (pickled .ckpt / .pt files are not loaded)")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"--model {path}: not a readable safetensors file ({exc})") from None
+    tensors, metadata = read_network_file(path, "--model")
     foreign = [k for k in tensors if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
     if foreign or not max_rank(tensors):
         example = f" (key {foreign[0]})" if foreign else ""
