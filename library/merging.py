@@ -439,3 +439,12 @@ def _stored_dtype(folder: str) -> torch.dtype:
                     dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(tensor.get_dtype())
                     return dtype or torch.float32
     return torch.float32
+
+
+def add_output_args(parser, save_precision_help: str) -> None:
+    """The flags kohya's merge_lora.py and svd_merge_lora.py share: dtypes, device, metadata."""
+    parser.add_argument("--save_precision", choices=list(DTYPES), help=save_precision_help)
+    parser.add_argument("--precision", default="float", choices=list(DTYPES),
+                        help="kohya's merge dtype; sdtune always merges in float32")
+    parser.add_argument("--device", default="cpu", help="where the deltas (and SVDs) are computed (cpu, cuda)")
+    parser.add_argument("--no_metadata", action="store_true", help="no modelspec title / merged_from entries")

@@ -11,7 +11,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
@@ -22,7 +21,7 @@ from library.dataset import loader
 from library.errors import UserError
 from tests.conftest import train_argv
 from tests.test_dataset import make_cfg as dataset_cfg
-from tests.test_dataset import write_image
+from tests.test_dataset import fake_encode, write_image
 
 SCALE = 0.5
 
@@ -39,15 +38,6 @@ def data(tmp_path):
     write_image(str(root / "1_shape" / "b.png"), (64, 64), value=20)
     write_image(str(root / "1_shape" / "t.png"), (64, 96), value=30)
     return root
-
-
-def fake_encode(calls):
-    def encode(pixels):
-        calls.append(pixels.shape[0])
-        pooled = F.avg_pool2d(pixels, 8)
-        return torch.cat([pooled, pooled.mean(dim=1, keepdim=True)], dim=1) * 0.5
-
-    return encode
 
 
 def run_cache(root, vae_id="vae-a", skip_check=False, **cfg):

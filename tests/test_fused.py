@@ -13,20 +13,17 @@ from safetensors.torch import load_file
 import train_network
 from library import fused_backward, optim
 from library.advice import RunFacts, rule_of_thumb_warnings
-from library.config import default_config, parse_args
+from library.config import parse_args
 from library.errors import UserError
 from library.fused_backward import FusedBackward
+from tests.test_optimizers import _cfg as optimizer_cfg
 from tests.conftest import train_argv
 
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 
 
 def _cfg(**kw):
-    cfg = default_config()
-    cfg.learning_rate = 1e-2
-    for key, value in kw.items():
-        setattr(cfg, key, value)
-    return cfg
+    return optimizer_cfg(**{"learning_rate": 1e-2, **kw})
 
 
 def _model() -> torch.nn.Sequential:

@@ -84,12 +84,18 @@ def test_dataset_masks_match_pixels_under_random_crop_and_flip(tmp_path):
     assert seen_flips == {True, False}
 
 
-def test_alpha_mask_and_images_without_a_mask(tmp_path):
-    folder = tmp_path / "1_x"
+def write_half_alpha_image(root):
+    """`1_x/a.png`, 64x64 RGBA whose alpha is the half_white pattern; returns the folder."""
+    folder = root / "1_x"
     os.makedirs(folder)
     rgba = np.zeros((64, 64, 4), dtype=np.uint8)
     rgba[..., 3] = half_white((64, 64))
     Image.fromarray(rgba).save(folder / "a.png")
+    return folder
+
+
+def test_alpha_mask_and_images_without_a_mask(tmp_path):
+    folder = write_half_alpha_image(tmp_path)
     write_pair(str(folder), "b", (64, 64), None)  # no alpha, no mask file: learnt everywhere
     dataset = build_dataset(make_cfg(tmp_path, masked_loss=False, alpha_mask=True))
     masks = {batch["image_paths"][0][-5:]: batch["masks"][0] for batch in (dataset[i] for i in range(len(dataset)))}
@@ -175,11 +181,7 @@ def test_cached_masks_round_trip(tmp_path, disk):
 
 
 def test_kohya_alpha_mask_key_at_pixel_size_is_read(tmp_path):
-    folder = tmp_path / "1_x"
-    os.makedirs(folder)
-    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
-    rgba[..., 3] = half_white((64, 64))
-    Image.fromarray(rgba).save(folder / "a.png")
+    folder = write_half_alpha_image(tmp_path)
     cfg = make_cfg(tmp_path, masked_loss=False, alpha_mask=True)
     dataset = build_dataset(cfg)
     dataset.cache_latents(fake_encode, cache=caching.DiskLatentCache("vae", 1.0))

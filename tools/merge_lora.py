@@ -75,12 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", required=True, help="network files (.safetensors)")
     parser.add_argument("--ratios", nargs="+", type=float, help="one ratio per model (default 1.0 each)")
     parser.add_argument("--save_to", required=True, help="output .safetensors file, or folder for a folder model")
-    parser.add_argument("--save_precision", choices=list(merging.DTYPES),
-                        help="dtype written (default: the input's for a model, float for a LoRA)")
-    parser.add_argument("--precision", default="float", choices=list(merging.DTYPES),
-                        help="kohya's merge dtype; sdtune always merges in float32")
-    parser.add_argument("--device", default="cpu", help="where the deltas are computed (cpu, cuda)")
-    parser.add_argument("--no_metadata", action="store_true", help="no modelspec title / merged_from entries")
+    merging.add_output_args(parser, "dtype written (default: the input's for a model, float for a LoRA)")
     parser.add_argument("--concat", action="store_true", help="stack the ranks (the default; kept for kohya)")
     parser.add_argument("--kohya_average", action="store_true",
                         help="kohya's default LoRA merge: add the factors (not the sum of the changes)")

@@ -46,11 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new_rank", type=int, default=4, help="rank of the merged LoRA (default 4)")
     parser.add_argument("--new_conv_rank", type=int, help="rank for 3x3 convolutions (default --new_rank)")
     parser.add_argument("--save_to", required=True, help="output .safetensors file")
-    parser.add_argument("--save_precision", choices=list(merging.DTYPES), help="dtype written (default float)")
-    parser.add_argument("--precision", default="float", choices=list(merging.DTYPES),
-                        help="kohya's merge dtype; sdtune always merges in float32")
-    parser.add_argument("--device", default="cpu", help="where the deltas and SVDs are computed (cpu, cuda)")
-    parser.add_argument("--no_metadata", action="store_true", help="no modelspec title / merged_from entries")
+    merging.add_output_args(parser, "dtype written (default float)")
     return parser
 
 
