@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from library.dataset.buckets import center_crop_offsets
+from library.dataset.buckets import center_crop_offsets, kohya_crop_ltrb  # noqa: F401  (also caching's name)
 from library.dataset.images import PLAIN, Augmentation, load_pixels
+from library.dataset import text_cache
 from library.dataset.masks import NO_MASKS, MaskSource, latent_mask, to_latent_size
 from library.errors import UserError
 from library.saving import atomic_write_npz
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 SD_SUFFIX = "_sd.npz"  # kohya's SD 1.x / 2.x cache; SDXL uses "_sdxl.npz"
 OLD_SUFFIX = ".npz"
+FAMILY_SUFFIXES = {"sdxl": "_sdxl.npz"}  # kohya's strategy_sdxl; SD 1.x / 2.x share SD_SUFFIX
 LATENT_STRIDE = 8
 FINGERPRINT_VERSION = 1
 # Anything that goes wrong while reading an npz means it is no usable cache (truncated zip, bad header, ...).
@@ -120,25 +122,13 @@ def key_suffix(bucket: tuple[int, int]) -> str:
     return f"_{bucket[1] // LATENT_STRIDE}x{bucket[0] // LATENT_STRIDE}"
 
 
-def kohya_crop_ltrb(bucket: tuple[int, int], original_size: tuple[int, int]) -> tuple[float, ...]:
-    """kohya's crop_ltrb value (BucketManager.get_crop_ltrb): the image's box inside the bucket when it is
-    fitted rather than covered; SDXL conditions on it. Kept bit-for-bit, floats included."""
-    bucket_ar, image_ar = bucket[0] / bucket[1], original_size[0] / original_size[1]
-    if bucket_ar > image_ar:
-        width, height = bucket[1] * image_ar, bucket[1]
-    else:
-        width, height = bucket[0], bucket[0] / image_ar
-    left, top = (bucket[0] - width) // 2, (bucket[1] - height) // 2
-    return (left, top, left + width, top + height)
-
-
 # --- fingerprints ---------------------------------------------------------------------------------
 
 def vae_fingerprint(vae, max_tensors: int = 8, max_elements: int = 1 << 20) -> str:
     """Identity of a VAE as an encoder: its config, dtype and a sample of its weights (hashed in full up to
     `max_elements` each), so a fine-tuned VAE with the same config is told apart in milliseconds."""
     digest = hashlib.sha256()
-    config = {k: v for k, v in dict(getattr(vae, "config", {})).items() if not k.startswith("_")}  # not paths/versions
+    config = {k: v for k, v in _config_dict(vae).items() if not k.startswith("_") and k != "transformers_version"}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     state = vae.state_dict()
     names = sorted(state)
@@ -148,6 +138,12 @@ def vae_fingerprint(vae, max_tensors: int = 8, max_elements: int = 1 << 20) -> s
         digest.update(f"{name}:{tensor.dtype}:{tuple(state[name].shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _config_dict(model) -> dict:
+    """A diffusers config (a dict) or a transformers one (to_dict), without paths and versions."""
+    config = getattr(model, "config", {})
+    return dict(config) if isinstance(config, dict) or not hasattr(config, "to_dict") else config.to_dict()
 
 
 def file_sha256(path: str) -> str:
@@ -396,10 +392,13 @@ def _kept_arrays(entry: _Entry) -> dict:
 # --- filling a cache ------------------------------------------------------------------------------
 
 def resolve_cache_options(cfg) -> None:
-    """kohya's rules: --cache_latents_to_disk turns on --cache_latents (so ss_cache_latents says so too);
+    """kohya's rules: --cache_latents_to_disk turns on --cache_latents (so ss_cache_latents says so too),
+    --cache_text_encoder_outputs_to_disk turns on --cache_text_encoder_outputs;
     augmentations that change the pixels every epoch cannot use latents encoded once."""
     if getattr(cfg, "cache_latents_to_disk", False):
         cfg.cache_latents = True
+    if getattr(cfg, "cache_text_encoder_outputs_to_disk", False):  # kohya's sdxl_train_network does the same
+        cfg.cache_text_encoder_outputs = True
     if not getattr(cfg, "cache_latents", False):
         return
     for name in ("color_aug", "random_crop", "face_crop_aug_range"):
@@ -408,12 +407,13 @@ def resolve_cache_options(cfg) -> None:
                             f"or --cache_latents_to_disk: turn off one of them")
 
 
-def make_latent_cache(cfg, vae) -> LatentCache:
-    """The cache the options ask for: kohya's npz files with --cache_latents_to_disk, else memory."""
+def make_latent_cache(cfg, vae, family_name: str = "sd1") -> LatentCache:
+    """The cache the options ask for: kohya's npz files with --cache_latents_to_disk (named per family, as
+    kohya's caching strategies do), else memory."""
     if not getattr(cfg, "cache_latents_to_disk", False):
         return MemoryLatentCache()
     return DiskLatentCache(vae_fingerprint(vae), float(vae.config.scaling_factor),
-                           bool(getattr(cfg, "skip_cache_check", False)))
+                           bool(getattr(cfg, "skip_cache_check", False)), FAMILY_SUFFIXES.get(family_name, SD_SUFFIX))
 
 
 def plan_cache_batches(records: list, batch_size: int, augment: Augmentation = PLAIN) -> list[list]:
@@ -496,3 +496,40 @@ def _read_array(npz_path: str, name: str) -> np.ndarray:
     except _READ_ERRORS as exc:
         raise UserError(f"latent cache {npz_path} has no readable {name} ({type(exc).__name__}): delete "
                         "it or run without --skip_cache_check to rebuild it") from None
+
+
+# --- text-encoder outputs (library/dataset/text_cache.py) -----------------------------------------
+
+def check_text_cache_options(cfg, dataset) -> None:
+    """Before the model loads: --cache_text_encoder_outputs needs frozen text encoders and captions that
+    never change; anything else is a one-line UserError naming the option."""
+    text_cache.check_options(cfg, dataset)
+
+
+def make_text_cache(cfg, family):
+    """kohya's `_te_outputs.npz` files with --cache_text_encoder_outputs_to_disk, else memory."""
+    if not getattr(cfg, "cache_text_encoder_outputs_to_disk", False):
+        return text_cache.MemoryTextCache()
+    encoders = [vae_fingerprint(te) for te in family.text_encoders]
+    return text_cache.DiskTextCache(text_cache.producer(cfg, family, encoders), text_cache.expected_shapes(cfg, family),
+                                    bool(getattr(cfg, "skip_cache_check", False)))
+
+
+def cache_text_encoder_outputs(dataset, family, cfg, device) -> None:
+    """Encode each image's caption once (family.encode_conditioning, no grad, on `device`, batches of
+    --vae_batch_size or the train batch size, whichever is larger) and attach the cache: every later
+    batch carries "text_outputs". The text encoders stay on `device`; the caller moves them."""
+    for te in family.text_encoders:
+        te.to(device)
+    cache = make_text_cache(cfg, family)
+    batch_size = max(int(getattr(cfg, "vae_batch_size", 1) or 1), int(getattr(cfg, "train_batch_size", 1) or 1))
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(getattr(cfg, "mixed_precision", None))
+
+    def encode(captions: list[str]) -> dict:
+        if half is None:
+            return family.encode_conditioning(captions)
+        with torch.autocast(torch.device(device).type, dtype=half):  # as the training step encodes without the cache
+            return family.encode_conditioning(captions)
+
+    text_cache.fill(cache, text_cache.fixed_captions(dataset), encode, batch_size)
+    dataset.text_cache = cache

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from library.errors import UserError, not_supported
+from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -70,25 +70,32 @@ def precision(flag: str, value: str | None) -> torch.dtype | None:
     return PRECISIONS[value]
 
 
-def sd1_family(path: str, flag: str):
-    """The family class of an SD 1.x single file or diffusers folder, from its keys only (no load);
-    UserError for a missing path, another kind of file or another family."""
-    from library.models import detect_family, family_class
-    from library.models.files import check_local_path
+def model_family(path: str, flag: str, v2: bool = False, sdxl: bool = False) -> str:
+    """The family of a single file or diffusers folder, from its keys / configs only (no load); kohya's
+    --v2 / --sdxl are checked against it. UserError for a missing path or another kind of file."""
+    from library.models import files
 
-    check_local_path(path, flag)
-    return family_class(detect_family(path), f"{flag} {path}")
+    files.check_local_path(path, flag)
+    family = files.detect_family(path)
+    files.check_family_flags(path, family, v2=v2, sdxl=sdxl, flag=flag)
+    return family
 
 
-def load_sd1(family, path: str, dtype: torch.dtype | None = None):
-    """(text_encoder, unet) of the model at `path`, cast to `dtype` when given (kohya's --load_precision)."""
+def load_model(family: str, path: str, dtype: torch.dtype | None = None) -> tuple[list, torch.nn.Module]:
+    """(text_encoders, unet) of the model at `path`, cast to `dtype` when given (kohya's --load_precision)."""
+    from library.models import single_file
+
     logger.info("loading %s", path)
-    model = family.load(SimpleNamespace(pretrained_model_name_or_path=path))
-    text_encoder, unet = model.text_encoders[0], model.unet
+    if os.path.isdir(path):
+        parts = single_file.load_folder(family, path, with_vae=False)
+    else:
+        parts = single_file.load_components(family, path, with_vae=False)
+    text_encoders, unet = parts["text_encoders"], parts["unet"]
     if dtype is not None:
-        for param in (*text_encoder.parameters(), *unet.parameters()):
-            param.data = param.data.to(dtype)
-    return text_encoder, unet
+        for module in (*text_encoders, unet):
+            for param in module.parameters():
+                param.data = param.data.to(dtype)
+    return text_encoders, unet
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,8 @@ class LayerPair:
 
 
 def paired_layers(org: tuple, tuned: tuple, with_conv: bool) -> list[LayerPair]:
-    """The LoRA layers of both (text_encoder, unet) pairs, matched by kohya name; UserError when they differ."""
+    """The LoRA layers of both (text encoder(s), unet) pairs, matched by kohya name; UserError when they
+    differ. Text encoders are a module or a list (SDXL: lora_te1_ / lora_te2_ names)."""
     from networks.targets import network_layers
 
     layers_o = network_layers(org[0], org[1], with_conv)
@@ -190,7 +198,8 @@ def extract_state_dict(pairs: list[LayerPair], settings: ExtractSettings,
     return state
 
 
-def build_metadata(save_to: str, settings: ExtractSettings, v_prediction: bool, no_metadata: bool) -> dict[str, str]:
+def build_metadata(save_to: str, settings: ExtractSettings, v_prediction: bool, no_metadata: bool,
+                   family: str = "sd1") -> dict[str, str]:
     """kohya's minimum ss_* keys for an extracted LoRA, plus the ModelSpec keys unless --no_metadata."""
     from library.metadata import FAMILIES, build_modelspec
 
@@ -198,8 +207,8 @@ def build_metadata(save_to: str, settings: ExtractSettings, v_prediction: bool, 
     if settings.conv_dim:
         net_args = {"conv_dim": str(settings.conv_dim), "conv_alpha": str(float(settings.conv_dim))}
     metadata = {
-        "ss_v2": "False",
-        "ss_base_model_version": FAMILIES["sd1"].version(v_prediction),
+        "ss_v2": str(FAMILIES[family].v2),
+        "ss_base_model_version": FAMILIES[family].version(v_prediction),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(settings.dim),
         "ss_network_alpha": str(float(settings.dim)),
@@ -207,7 +216,7 @@ def build_metadata(save_to: str, settings: ExtractSettings, v_prediction: bool, 
     }
     if not no_metadata:
         title = os.path.splitext(os.path.basename(save_to))[0]
-        metadata.update(build_modelspec(SimpleNamespace(metadata_title=title), family_name="sd1",
+        metadata.update(build_modelspec(SimpleNamespace(metadata_title=title), family_name=family,
                                         v_prediction=v_prediction, method="network", timestamp=time.time()))
     return metadata
 
@@ -227,24 +236,31 @@ def extract(model_org: str, model_tuned: str, save_to: str, settings: ExtractSet
     """Write the LoRA of `model_tuned - model_org` to `save_to` (atomically); returns its state dict."""
     from library.saving import add_model_hashes, save_safetensors
 
-    if v2 or sdxl:
-        raise not_supported("v2" if v2 else "sdxl")
     settings.check()
     load_dtype = precision("--load_precision", load_precision)
     save_dtype = precision("--save_precision", save_precision)
     check_paths(model_org, model_tuned, save_to)
-    families = sd1_family(model_org, "--model_org"), sd1_family(model_tuned, "--model_tuned")
-    org = load_sd1(families[0], model_org, load_dtype)
-    tuned = load_sd1(families[1], model_tuned, load_dtype)
-    pairs = paired_layers(org, tuned, with_conv=bool(settings.conv_dim))
+    family = model_family(model_org, "--model_org", v2, sdxl)
+    if model_family(model_tuned, "--model_tuned", v2, sdxl) != family:
+        raise UserError(f"--model_tuned {model_tuned} is not of the family of --model_org ({family}); "
+                        "both models must have the same architecture")
+    org = load_model(family, model_org, load_dtype)
+    tuned = load_model(family, model_tuned, load_dtype)
+    pairs = paired_layers(_encoders(org), _encoders(tuned), with_conv=bool(settings.conv_dim))
     if not text_encoder_changed(pairs, settings.min_diff):
         logger.warning("text encoder unchanged (no weight moved by more than --min_diff %g): U-Net only",
                        settings.min_diff)
         pairs = [pair for pair in pairs if pair.is_unet]
     state = extract_state_dict(pairs, settings, save_dtype)
-    metadata = build_metadata(save_to, settings, v_parameterization, no_metadata)
+    metadata = build_metadata(save_to, settings, v_parameterization, no_metadata, family)
     folder = os.path.dirname(os.path.abspath(save_to))
     os.makedirs(folder, exist_ok=True)
     save_safetensors(state, save_to, add_model_hashes(state, metadata))
     logger.info("wrote %s (%d layers)", save_to, len(pairs))
     return state
+
+
+def _encoders(model: tuple) -> tuple:
+    """(text encoder or list of them, unet): what networks.targets takes."""
+    text_encoders, unet = model
+    return (text_encoders[0] if len(text_encoders) == 1 else list(text_encoders)), unet

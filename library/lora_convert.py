@@ -18,6 +18,14 @@ alpha = rank, the scale diffusers gives it.
 Going from kohya names back to paths needs to know which `_` were dots: the names of diffusers' U-Net and
 transformers' CLIP modules that contain `_` are listed in `JOINED`; a kohya name with a part this table
 does not know is refused rather than guessed.
+
+SDXL files name U-Net layers by the original (LDM / SGM) layout kohya trains SDXL in
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, networks/targets.py): converting one
+renames those paths to diffusers' (``down_blocks.1.attentions.0...``) and back. The block numbering
+depends on the U-Net's ``layers_per_block`` (2 in SDXL base), read from the file: from kohya names, SDXL
+base's 2 when every layer fits it, else the smallest number every layer fits (in a U-Net of 1 layer per
+block an attention sits at ``input_blocks_3_1``, which 2 does not allow); from diffusers paths, the
+largest resnet / attention index. Up-samplers follow an attention (slot 2) in up blocks that have one.
 """
 
 from __future__ import annotations
@@ -44,14 +52,24 @@ JOINED = ("down_blocks", "up_blocks", "mid_block", "transformer_blocks", "proj_i
           "linear_1", "linear_2", "add_embedding", "conv_norm_out", "text_model", "self_attn", "q_proj",
           "k_proj", "v_proj", "out_proj", "text_projection", "final_layer_norm", "layer_norm1", "layer_norm2",
           "token_embedding", "position_embedding", "add_k_proj", "add_v_proj", "encoder_hid_proj",
-          "class_embedding")
+          "class_embedding", "input_blocks", "middle_block", "output_blocks", "in_layers", "emb_layers",
+          "out_layers", "skip_connection", "time_embed", "label_emb")
 _JOINED_PATTERN = re.compile("|".join(sorted(JOINED, key=len, reverse=True)))
+# The original U-Net's resnet module names -> diffusers' (kohya's SDXL LoCon layers sit in these).
+LDM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+              "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+LDM_FIXED = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
+             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+LDM_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
+SDXL_LAYERS_PER_BLOCK = 2
 KOHYA_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
 
 
-def kohya_layer_to_path(layer: str) -> tuple[str, str]:
+def kohya_layer_to_path(layer: str, layers_per_block: int = SDXL_LAYERS_PER_BLOCK) -> tuple[str, str]:
     """(diffusers component, module path) of a kohya layer name, e.g. lora_te_text_model_encoder_layers_0_mlp_fc1
-    -> ("text_encoder", "text_model.encoder.layers.0.mlp.fc1")."""
+    -> ("text_encoder", "text_model.encoder.layers.0.mlp.fc1"); an SDXL U-Net name in the original layout
+    gets its diffusers path (`layers_per_block` of the U-Net it was trained on)."""
     prefix = next((p for p in PREFIXES if layer.startswith(p)), None)
     if prefix is None:
         raise UserError(f"layer {layer}: not a kohya LoRA name (lora_unet_ / lora_te_ / lora_te1_ / lora_te2_)")
@@ -61,6 +79,8 @@ def kohya_layer_to_path(layer: str) -> tuple[str, str]:
     path = protected.replace("_", ".").replace("\0", "_")
     if any(part == "" for part in path.split(".")):
         raise UserError(f"layer {layer}: cannot tell its module path (an unexpected `_` in it)")
+    if PREFIXES[prefix] == "unet" and path.startswith(LDM_ROOTS):
+        path = ldm_to_diffusers_path(path, layers_per_block)
     return PREFIXES[prefix], path
 
 
@@ -69,6 +89,103 @@ def path_to_kohya_layer(component: str, path: str, sdxl: bool = False) -> str:
     if component not in prefixes:
         raise UserError(f"component {component}: only unet, text_encoder and text_encoder_2 LoRAs convert")
     return prefixes[component] + path.replace(".", "_")
+
+
+# --- SDXL: the original U-Net layout <-> diffusers ------------------------------------------------------
+# The original U-Net numbers its blocks in one sequence per side: input_blocks 0 is conv_in, then per level
+# `layers_per_block` resnet (+ attention) blocks and a down-sampler; output_blocks hold `layers_per_block
+# + 1` blocks per level, the up-sampler riding in the level's last one (slot 2 after an attention, else 1).
+
+def _resnet_name(rest: str, names: dict[str, str], path: str) -> str:
+    if rest not in names:
+        raise UserError(f"U-Net path {path}: {rest} is not a LoRA layer of a resnet block")
+    return names[rest]
+
+
+def ldm_to_diffusers_path(path: str, layers_per_block: int = SDXL_LAYERS_PER_BLOCK) -> str:
+    """diffusers module path of a module path in the original layout, e.g. (layers_per_block 2)
+    input_blocks.4.1.proj_in -> down_blocks.1.attentions.0.proj_in; a UserError for a path not in it."""
+    for src, dst in LDM_FIXED.items():
+        if path == src or path.startswith(src + "."):
+            return dst + path[len(src):]
+    per_block = layers_per_block + 1
+    bad = UserError(f"U-Net path {path}: not a module of an original-layout U-Net with "
+                    f"{layers_per_block} layers per block")
+    if m := re.fullmatch(r"middle_block\.([012])\.(.+)", path):
+        if m[1] == "1":
+            return f"mid_block.attentions.0.{m[2]}"
+        return f"mid_block.resnets.{int(m[1]) // 2}.{_resnet_name(m[2], LDM_RESNET, path)}"
+    if m := re.fullmatch(r"input_blocks\.(\d+)\.([01])\.(.+)", path):
+        index, slot, rest = int(m[1]), m[2], m[3]
+        block, layer = divmod(index - 1, per_block)
+        if rest == "op" and slot == "0" and layer == layers_per_block:
+            return f"down_blocks.{block}.downsamplers.0.conv"
+        if layer == layers_per_block or index < 1:
+            raise bad
+        if slot == "0":
+            return f"down_blocks.{block}.resnets.{layer}.{_resnet_name(rest, LDM_RESNET, path)}"
+        return f"down_blocks.{block}.attentions.{layer}.{rest}"
+    if m := re.fullmatch(r"output_blocks\.(\d+)\.([012])\.(.+)", path):
+        index, slot, rest = int(m[1]), m[2], m[3]
+        block, layer = divmod(index, per_block)
+        if rest == "conv" and slot != "0":
+            if layer != layers_per_block:
+                raise bad
+            return f"up_blocks.{block}.upsamplers.0.conv"
+        if slot == "0":
+            return f"up_blocks.{block}.resnets.{layer}.{_resnet_name(rest, LDM_RESNET, path)}"
+        if slot == "1":
+            return f"up_blocks.{block}.attentions.{layer}.{rest}"
+    raise bad
+
+
+def diffusers_to_ldm_path(path: str, layers_per_block: int = SDXL_LAYERS_PER_BLOCK,
+                          up_attention_blocks: tuple[int, ...] = (0, 1)) -> str:
+    """The original-layout module path of a diffusers U-Net module path (the inverse of
+    `ldm_to_diffusers_path`). `up_attention_blocks`: the up blocks with attentions (SDXL base: 0 and 1),
+    which put their up-sampler in slot 2."""
+    for dst, src in LDM_FIXED.items():
+        if path == src or path.startswith(src + "."):
+            return dst + path[len(src):]
+    per_block = layers_per_block + 1
+    resnet = {v: k for k, v in LDM_RESNET.items()}
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path):
+        side, block, kind, layer, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        index = 1 + block * per_block + layer if side == "down" else block * per_block + layer
+        name = f"{'input' if side == 'down' else 'output'}_blocks.{index}"
+        return f"{name}.0.{_resnet_name(rest, resnet, path)}" if kind == "resnets" else f"{name}.1.{rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", path):
+        return f"input_blocks.{(int(m[1]) + 1) * per_block}.0.op"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", path):
+        block = int(m[1])
+        slot = 2 if block in up_attention_blocks else 1
+        return f"output_blocks.{block * per_block + layers_per_block}.{slot}.conv"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", path):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.([01])\.(.+)", path):
+        return f"middle_block.{2 * int(m[1])}.{_resnet_name(m[2], resnet, path)}"
+    raise UserError(f"U-Net path {path}: not a LoRA layer sdtune can place in the original (SDXL) layout")
+
+
+def ldm_layers_per_block(layers: list[str]) -> int:
+    """`layers_per_block` of the U-Net a kohya SDXL file was trained on, from its U-Net layer names:
+    SDXL base's 2 when every name fits it, else the smallest number of layers that every name fits."""
+    unet = [layer for layer in layers if re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", layer)]
+    for candidate in (SDXL_LAYERS_PER_BLOCK, *range(1, 9)):
+        try:
+            for layer in unet:
+                kohya_layer_to_path(layer, candidate)
+        except UserError:
+            continue
+        return candidate
+    raise UserError(f"layer {unet[0]}: its U-Net block numbering fits no SDXL-like U-Net")
+
+
+def diffusers_layers_per_block(paths: list[str]) -> int:
+    """`layers_per_block` of a diffusers U-Net, from LoRA module paths (2 when none tells)."""
+    counts = [int(m[2]) + (m[1] == "down") for p in paths
+              if (m := re.match(r"(down|up)_blocks\.\d+\.(?:resnets|attentions)\.(\d+)\.", p))]
+    return max(counts, default=SDXL_LAYERS_PER_BLOCK)
 
 
 def _split_kohya_key(key: str) -> tuple[str, str]:
@@ -85,12 +202,16 @@ def _config_name(component: str, path: str) -> str:
     return path.removeprefix("text_model.") if component.startswith("text_encoder") else path
 
 
-def kohya_to_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[dict, dict]:
-    """diffusers / peft tensors and metadata (with `lora_adapter_metadata`) for a kohya LoRA file."""
+def kohya_to_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                       layers_per_block: int | None = None) -> tuple[dict, dict]:
+    """diffusers / peft tensors and metadata (with `lora_adapter_metadata`) for a kohya LoRA file.
+    `layers_per_block`: of the SDXL U-Net the file was trained on (None: read from the layer names)."""
     out, ranks, alphas = {}, {}, {}
+    if layers_per_block is None:
+        layers_per_block = ldm_layers_per_block(sorted({key.partition(".")[0] for key in tensors}))
     for key, value in tensors.items():
         layer, rest = _split_kohya_key(key)
-        component, path = kohya_layer_to_path(layer)
+        component, path = kohya_layer_to_path(layer, layers_per_block)
         name = (component, _config_name(component, path))
         if rest == "alpha":
             alphas[name] = float(value.float().item())
@@ -121,10 +242,17 @@ def _peft_config(component: str, ranks: dict[str, int], alphas: dict[str, float]
     return {f"{component}.{key}": value for key, value in config.items()}
 
 
-def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[dict, dict]:
-    """kohya tensors (with an alpha per layer) and metadata for a diffusers / peft LoRA file."""
+def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                       sdxl: bool | None = None) -> tuple[dict, dict]:
+    """kohya tensors (with an alpha per layer) and metadata for a diffusers / peft LoRA file. SDXL files
+    (`sdxl` None: those with a second text encoder, or 2048-wide cross-attention) get kohya's SDXL names."""
     config = _read_config(metadata)
-    sdxl = any(key.startswith("text_encoder_2.") for key in tensors)
+    if sdxl is None:
+        sdxl = any(key.startswith("text_encoder_2.") for key in tensors) or any(
+            re.search(r"\.attn2\.to_k\.lora_A\.", key) and value.shape[-1] == 2048 for key, value in tensors.items())
+    unet_paths = [key.partition(".")[2] for key in tensors if key.startswith("unet.")]
+    layers_per_block = diffusers_layers_per_block(unet_paths)
+    up_attention = tuple({int(m[1]) for p in unet_paths if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", p))})
     out, downs = {}, {}
     for key, value in tensors.items():
         component, _, rest = key.partition(".")
@@ -132,7 +260,8 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str
         kohya_suffix = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}.get(suffix)
         if not dot or kohya_suffix is None:
             raise UserError(f"key {key}: not a diffusers LoRA key (<component>.<module>.lora_A/lora_B.weight)")
-        layer = path_to_kohya_layer(component, path, sdxl)
+        named = diffusers_to_ldm_path(path, layers_per_block, up_attention) if sdxl and component == "unet" else path
+        layer = path_to_kohya_layer(component, named, sdxl)
         out[f"{layer}.{kohya_suffix}"] = value
         if kohya_suffix == "lora_down.weight":
             downs[layer] = (component, path, value)

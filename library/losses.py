@@ -71,14 +71,25 @@ class LossSettings:
                      "ip_noise_gamma"):
             values[name] = _on(values[name])
         settings = cls(**values)
-        settings.check(bool(getattr(cfg, "v_parameterization", False)))
-        if getattr(cfg, "zero_terminal_snr", False) and not getattr(cfg, "v_parameterization", False):
-            logger.warning("--zero_terminal_snr without --v_parameterization: at the last timestep the input is "
-                           "pure noise, where predicting the noise says nothing about the image (Lin et al. train "
-                           "v-prediction; kohya warns the same)")
+        settings.check()
+        if getattr(cfg, "v_parameterization", False):  # fail early when the flag alone decides
+            settings.check_prediction(True)
         return settings
 
-    def check(self, v_parameterization: bool) -> None:
+    def check_prediction(self, v_prediction: bool, zero_terminal_snr: bool = False) -> None:
+        """Checks that depend on the prediction type, which a model folder may set on its own: run once the
+        model is loaded (and early when --v_parameterization is given)."""
+        if self.scale_v_pred_loss_like_noise_pred and not v_prediction:
+            raise UserError("--scale_v_pred_loss_like_noise_pred needs v-prediction (--v_parameterization, or a "
+                            "model whose scheduler config says v_prediction)")
+        if self.v_pred_like_loss and v_prediction:
+            raise UserError("--v_pred_like_loss cannot be used with v-prediction (the loss already is v)")
+        if zero_terminal_snr and not v_prediction:
+            logger.warning("--zero_terminal_snr without v-prediction: at the last timestep the input is "
+                           "pure noise, where predicting the noise says nothing about the image (Lin et al. train "
+                           "v-prediction; kohya warns the same)")
+
+    def check(self) -> None:
         if self.loss_type not in LOSS_TYPES:
             raise UserError(f"--loss_type {self.loss_type}: expected one of {', '.join(LOSS_TYPES)}")
         if self.loss_type in ("huber", "smooth_l1") and not self.huber_c > 0:
@@ -87,10 +98,6 @@ class LossSettings:
             logger.warning("--huber_scale %s is not used by --huber_schedule snr (as in kohya)", self.huber_scale)
         if self.adaptive_noise_scale and not self.noise_offset:
             raise UserError("--adaptive_noise_scale needs --noise_offset (it is added to the offset)")
-        if self.scale_v_pred_loss_like_noise_pred and not v_parameterization:
-            raise UserError("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
-        if self.v_pred_like_loss and v_parameterization:
-            raise UserError("--v_pred_like_loss cannot be used with --v_parameterization (the loss already is v)")
         for name in ("min_snr_gamma", "noise_offset", "multires_noise_iterations", "ip_noise_gamma"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UserError(f"--{name} {getattr(self, name)}: must not be negative")

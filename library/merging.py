@@ -1,4 +1,4 @@
-"""Merging trained networks: into a Stable Diffusion 1.x checkpoint, or into one LoRA file.
+"""Merging trained networks: into an SD 1.x / 2.x / SDXL checkpoint, or into one LoRA file.
 
 Every merge here is exact unless a flag says otherwise:
 
@@ -341,43 +341,49 @@ def check_save_to(save_to: str | None, inputs: list[str], suffixes: tuple[str, .
 
 @dataclass
 class Checkpoint:
-    """An SD 1.x model loaded for merging: its text encoder and UNet (float32), and where it came from."""
+    """A model loaded for merging: its text encoder(s) and UNet (float32), family and source."""
 
     path: str
-    text_encoder: torch.nn.Module
+    text_encoders: list
     unet: torch.nn.Module
     vae: torch.nn.Module | None  # kept for a folder model written as one file
+    family: str = "sd1"
+
+    @property
+    def text_encoder(self):
+        """What kohya's network code takes: the encoder, or the list of both for SDXL."""
+        return self.text_encoders[0] if len(self.text_encoders) == 1 else list(self.text_encoders)
 
 
-def load_checkpoint(path: str) -> Checkpoint:
-    """A diffusers folder or an LDM-layout .safetensors file of SD 1.x; a UserError for anything else."""
-    from library.models import detect_family, family_class
-    from library.models.sd1 import SD1Family
+def load_checkpoint(path: str, v2: bool = False, sdxl: bool = False) -> Checkpoint:
+    """A diffusers folder or a single .safetensors file of SD 1.x / 2.x / SDXL (family detected from the
+    keys; `v2` / `sdxl` are kohya's flags, checked against it); a UserError for anything else."""
+    from library.models import files, single_file
 
     if os.path.isfile(path) and not path.lower().endswith(".safetensors"):
         raise UserError(f"--sd_model {path}: give a .safetensors file or a diffusers folder (pickled "
                         ".ckpt files are not read here)")
-    family = detect_family(path)
-    if family_class(family, path) is not SD1Family:
-        raise UserError(f"--sd_model {path}: only SD 1.x checkpoints can be merged into for now")
+    files.check_local_path(path, "--sd_model")
+    family = files.detect_family(path)
+    files.check_family_flags(path, family, v2=v2, sdxl=sdxl, flag="--sd_model")
     if os.path.isdir(path):
-        unet, vae, text_encoder, _ = SD1Family.load_folder_components(path)
-        return Checkpoint(path, text_encoder, unet, vae)
-    unet, _, text_encoder = SD1Family._load_single_file(path, False)
-    return Checkpoint(path, text_encoder, unet, None)
+        parts = single_file.load_folder(family, path)
+    else:  # the file's own VAE tensors are written back untouched: no need to build it
+        parts = single_file.load_components(family, path, with_vae=False)
+    return Checkpoint(path, parts["text_encoders"], parts["unet"], parts["vae"], family)
 
 
 def save_checkpoint(ckpt: Checkpoint, save_to: str, dtype: torch.dtype | None) -> None:
     """Write the merged model: a file model as the input file with its UNet and text-encoder tensors
-    replaced (VAE, extra keys and metadata kept); a folder model as a folder, or as an LDM-layout file when
-    `save_to` ends in .safetensors. `dtype` None keeps each tensor's dtype."""
+    replaced (VAE, extra keys and metadata kept); a folder model as a folder, or as a single file in the
+    family's layout when `save_to` ends in .safetensors. `dtype` None keeps each tensor's dtype."""
     if not os.path.isdir(ckpt.path):
         _save_single_file(ckpt, save_to, dtype)
     elif save_to.lower().endswith(".safetensors"):
-        from library.models.synthetic import write_sd1_single_file
+        from library.models.single_file import write_single_file
 
-        parts = {"unet": ckpt.unet, "vae": ckpt.vae, "text_encoder": ckpt.text_encoder}
-        write_sd1_single_file(parts, save_to, dtype)
+        parts = {"unet": ckpt.unet, "vae": ckpt.vae, "text_encoders": ckpt.text_encoders}
+        write_single_file(ckpt.family, parts, save_to, dtype)
     else:
         _save_folder(ckpt, save_to, dtype)
     logger.info("saved %s", save_to)
@@ -386,16 +392,14 @@ def save_checkpoint(ckpt: Checkpoint, save_to: str, dtype: torch.dtype | None) -
 def _save_single_file(ckpt: Checkpoint, save_to: str, dtype: torch.dtype | None) -> None:
     from safetensors import safe_open
 
-    from library.models.ldm_keys import TEXT_PREFIX, UNET_PREFIX, text_key_map, unet_key_map
+    from library.models.single_file import to_ldm
     from library.saving import save_safetensors
 
     with safe_open(ckpt.path, framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    unet_sd, text_sd = ckpt.unet.state_dict(), ckpt.text_encoder.state_dict()
-    new = {UNET_PREFIX + ldm: unet_sd[key] for key, ldm in unet_key_map(unet_sd).items()}
-    new.update({TEXT_PREFIX + ldm: text_sd[key]
-                for key, ldm in text_key_map(k for k in text_sd if not k.endswith("position_ids")).items()})
+    # padding=False: the file's own extras (SD 2's 24th block, logit_scale, ...) are kept as they are
+    new = to_ldm(ckpt.family, ckpt.unet, None, ckpt.text_encoders, padding=False)
     for key, value in new.items():
         old = tensors.get(key)
         if old is None or old.numel() != value.numel():
@@ -417,7 +421,8 @@ def _save_folder(ckpt: Checkpoint, save_to: str, dtype: torch.dtype | None) -> N
     if os.path.exists(partial):
         shutil.rmtree(partial)
     shutil.copytree(ckpt.path, partial)
-    for name, module in (("unet", ckpt.unet), ("text_encoder", ckpt.text_encoder)):
+    named = [("unet", ckpt.unet)] + list(zip(("text_encoder", "text_encoder_2"), ckpt.text_encoders))
+    for name, module in named:
         if dtype is None:  # keep the dtype the folder stored
             dtype_here = _stored_dtype(os.path.join(ckpt.path, name))
         else:

@@ -78,7 +78,8 @@ LOGGING = _group("logging", [
 ])
 
 SD_MODELS = _group("sd_models", [
-    _flag("v2", "the base model is Stable Diffusion 2.x"),
+    _flag("v2", "the base model is Stable Diffusion 2.x (accepted: the family is detected from the weights, "
+          "and --v2 is checked against it)", supported=S),
     _flag("v_parameterization", "train with v-prediction targets", supported=S),
     _opt("pretrained_model_name_or_path", str, None,
          "base model: a .safetensors checkpoint or a diffusers folder", supported=S),
@@ -356,6 +357,15 @@ NETWORK = _group("train_network", [
     _opt("max_validation_steps", int, None, "validation batches at most", supported=S),
 ])
 
+# kohya's sdxl_train_util.add_sdxl_training_arguments; sdtune takes them for every family
+SDXL_TRAINING = _group("sdxl_training", [
+    _flag("cache_text_encoder_outputs", "encode each caption once before training and keep the outputs, so the "
+          "text encoders can leave the GPU (needs --network_train_unet_only and captions that never change)",
+          supported=S),
+    _flag("cache_text_encoder_outputs_to_disk", "keep them in kohya's <image>_te_outputs.npz beside each image, "
+          "reused by the next run (turns on --cache_text_encoder_outputs)", supported=S),
+])
+
 SDTUNE = _group("sdtune", [
     Option("unsafe_load_ckpt", bool, False, "allow loading a pickled .ckpt (unpickling can run code)",
            action="store_true", supported=S, kohya=False),
@@ -387,7 +397,7 @@ SDTUNE = _group("sdtune", [
 
 OPTIONS: tuple[Option, ...] = tuple(
     LOGGING + SD_MODELS + MODEL_SPEC + DATASET + TRAINING + MASKED_LOSS + DEEPSPEED + OPTIMIZER + CONFIG
-    + CUSTOM_TRAIN + NETWORK + SDTUNE
+    + CUSTOM_TRAIN + NETWORK + SDXL_TRAINING + SDTUNE
 )
 
 SCRIPTS = ("train_network",)
@@ -411,7 +421,7 @@ GUI_KEYS = frozenset({
 # Options of other kohya scripts (sdxl_*, sd3_*, flux_*, fine_tune) that shared TOML files carry: ignored
 # with the same warning, never mistaken for typos of a train_network option.
 OTHER_SCRIPT_KEYS = frozenset({
-    "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "text_encoder_batch_size",
+    "text_encoder_batch_size",
     "disable_mmap_load_safetensors", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
     "blocks_to_swap", "single_blocks_to_swap", "double_blocks_to_swap", "ae", "clip_l", "clip_g", "t5xxl",
     "t5xxl_device", "t5xxl_dtype", "t5xxl_max_token_length", "apply_t5_attn_mask", "discrete_flow_shift",

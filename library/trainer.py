@@ -73,7 +73,10 @@ class Run:
         set_seed(cfg.seed)
         self.cfg = cfg
         self.dataset = build_dataset(cfg)  # before the model: a bad folder is reported in a second
+        if cfg.cache_text_encoder_outputs:
+            caching.check_text_cache_options(cfg, self.dataset)  # fixed captions, frozen text encoders
         self.family = load_model(cfg)
+        self.loss_settings.check_prediction(self.family.v_prediction, cfg.zero_terminal_snr)  # a folder may set v
         if cfg.zero_terminal_snr:  # before anything reads the schedule: SNR weights use the rescaled one
             self.family.noise_scheduler = losses.zero_terminal_snr_scheduler(self.family.noise_scheduler)
         self.dataset.verify_bucket_reso_steps(self.family.bucket_divisor)
@@ -142,13 +145,20 @@ class Run:
         """Encode every image once; the VAE then leaves memory, or waits on the CPU for sample images."""
         device = self.accelerator.device
         vae = self.family.vae.to(device)
-        cache = caching.make_latent_cache(self.cfg, vae)
+        cache = caching.make_latent_cache(self.cfg, vae, self.family.name)
         with torch.no_grad():
             self.dataset.cache_latents(self.family.encode_images, self.cfg.vae_batch_size or 1, cache)
         vae.to("cpu")
         if not sampling.wanted(self.cfg):
             self.family.vae = None  # nothing else holds it during a network run
         del vae
+
+    def cache_text_encoder_outputs(self) -> None:
+        """Encode every caption once (library/caching.py); the text encoders then wait on the CPU, where
+        sample rounds find them."""
+        caching.cache_text_encoder_outputs(self.dataset, self.family, self.cfg, self.accelerator.device)
+        for te in self.family.text_encoders:
+            te.to("cpu")
 
     def prepare(self) -> None:
         """Cache latents, place models, hand the trainable parts to accelerate (once)."""
@@ -164,6 +174,8 @@ class Run:
         fam.unet.to(acc.device)
         for te in fam.text_encoders:
             te.to(acc.device)
+        if self.cfg.cache_text_encoder_outputs:
+            self.cache_text_encoder_outputs()
         if self.cfg.gradient_checkpointing:
             self.method.enable_gradient_checkpointing()
             # diffusers and transformers only checkpoint in training mode (SD's CLIP has no dropout)
@@ -187,12 +199,13 @@ class Run:
             with torch.no_grad():
                 latents = fam.encode_images(batch["images"])  # moved to the VAE's device and dtype
         latents = latents.to(acc.device, dtype=torch.float32)
-        grad_text = self.method.train_text_encoder
-        with torch.set_grad_enabled(grad_text), acc.autocast():
-            text_embeds = fam.encode_captions(batch["captions"])
+        cond = batch.get("text_outputs")  # --cache_text_encoder_outputs
+        if cond is None:
+            with torch.set_grad_enabled(self.method.train_text_encoder), acc.autocast():
+                cond = fam.encode_conditioning(batch["captions"])
         noise, noisy, timesteps = losses.noisy_latents(settings, fam.noise_scheduler, latents)
         with acc.autocast():
-            prediction = fam.predict(noisy.to(self.weight_dtype), timesteps, text_embeds)
+            prediction = fam.predict(noisy.to(self.weight_dtype), timesteps, cond, batch)
         target = losses.training_target(fam.noise_scheduler, latents, noise, timesteps, fam.v_prediction)
         huber_c = losses.huber_threshold(settings, fam.noise_scheduler, timesteps)
         per_sample = self._per_sample_loss(prediction, target, batch.get("masks"), huber_c)

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 _DIFFUSERS = re.compile(r"(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)_")
 _LDM = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_")
 _LDM_FIRST = {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}
+# SDXL layers outside the numbered blocks (LyCORIS wraps them): the embeddings are block 0, the output 22.
+_LDM_EDGE = {"lora_unet_time_embed_": 0, "lora_unet_label_emb_": 0, "lora_unet_out_": 22}
 
 BLOCK_DIM_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
 LR_WEIGHT_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
@@ -80,6 +82,9 @@ def block_index(lora_name: str) -> int:
     ldm = _LDM.match(lora_name)
     if ldm:
         return _LDM_FIRST[ldm.group(1)] + int(ldm.group(2))
+    edge = next((index for prefix, index in _LDM_EDGE.items() if lora_name.startswith(prefix)), None)
+    if edge is not None:
+        return edge
     if "mid_block_" in lora_name:
         return 12
     match = _DIFFUSERS.search(lora_name)

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from library.errors import UserError
 from networks.base import arg_number
 from networks.lora import (LoRAModule, LoRANetwork, _network_options, _set_loraplus, dims_from_weights,
-                           lora_delta, read_weights)
+                           lora_delta, read_weights, rename_layers)
+from networks.targets import unet_renames
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
     loaded here. `unit` comes from --network_args, else from the file's metadata, else 1."""
     if weights_sd is None:
         weights_sd = read_weights(file)
+    weights_sd = rename_layers(weights_sd, unet_renames(unet))
     options = _network_options(kwargs, None, NETWORK_ARGS)
     unit = _unit(kwargs, file_unit(file) or 1)
     ignored = [key for key in DIM_ARGS if kwargs.get(key)]

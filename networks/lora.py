@@ -7,7 +7,9 @@ networks/targets.py. The forward of each wrapped layer is patched rather than th
 base weights, hooks and checkpointing of the model stay as they are.
 
 Saved keys per layer: ``<name>.lora_down.weight`` (r, in) or (r, in, k, k), ``<name>.lora_up.weight``
-(out, r) or (out, r, 1, 1), ``<name>.alpha`` (a scalar).
+(out, r) or (out, r, 1, 1), ``<name>.alpha`` (a scalar). SDXL U-Net layers are named in the original
+(LDM) layout as kohya names them (``lora_unet_input_blocks_4_1_...``); SDXL files that name them by
+diffusers path (``lora_unet_down_blocks_1_attentions_0_...``) load onto the same layers.
 
 ``--network_args``: conv_dim, conv_alpha (LoCon: 3x3 convs of the UNet's resnets and samplers),
 rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio,
@@ -27,7 +29,7 @@ import torch
 from library.errors import UserError, not_supported
 from networks import blocks
 from networks.base import arg_number, check_network_args, check_weights_fit
-from networks.targets import Layer, network_layers
+from networks.targets import Layer, network_layers, unet_renames
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +172,8 @@ class LoRANetwork(torch.nn.Module):
         self.block_plan = block_plan
         self.block_lr_weight: list[float] | None = None
 
+        # SDXL files named by diffusers path (not kohya's original layout) still load: see `kohya_keys`
+        self.renames = unet_renames(unet)
         with_conv = modules_dim is not None or bool(conv_lora_dim) or bool(block_plan and block_plan.has_conv)
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
@@ -237,10 +241,14 @@ class LoRANetwork(torch.nn.Module):
     def is_mergeable(self) -> bool:
         return True
 
+    def kohya_keys(self, weights_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`weights_sd` with SDXL U-Net layers named by diffusers path renamed to kohya's names."""
+        return rename_layers(weights_sd, self.renames)
+
     def merge_to(self, text_encoder, unet, weights_sd: dict[str, torch.Tensor], dtype=None, device="cpu") -> None:
         """Bake `weights_sd` (a kohya LoRA state dict) into the models' weights; nothing is patched."""
         by_layer: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in weights_sd.items():
+        for key, value in self.kohya_keys(weights_sd).items():
             name, _, rest = key.partition(".")
             by_layer.setdefault(name, {})[rest] = value
         merged = 0
@@ -307,7 +315,7 @@ class LoRANetwork(torch.nn.Module):
 
     def load_weights(self, file: str):
         """Load a saved LoRA into this network. Shapes must match; other key differences are logged."""
-        weights_sd = read_weights(file)
+        weights_sd = self.kohya_keys(read_weights(file))
         check_weights_fit(file, weights_sd, self.state_dict(),
                           "match --network_dim / conv_dim to the file or use --dim_from_weights")
         info = self.load_state_dict(weights_sd, strict=False)
@@ -363,6 +371,17 @@ def read_weights(file: str) -> dict[str, torch.Tensor]:
         return load_file(file)
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{file}: not a readable safetensors file ({exc})") from None
+
+
+def rename_layers(weights_sd: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    """`weights_sd` with each layer name (the part before the first dot) renamed by `renames`."""
+    if not renames:
+        return weights_sd
+    out = {}
+    for key, value in weights_sd.items():
+        name, dot, rest = key.partition(".")
+        out[renames.get(name, name) + dot + rest] = value
+    return out
 
 
 def _dropout_arg(kwargs: dict, key: str) -> float | None:
@@ -438,6 +457,7 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
     not loaded here: call `load_weights` or `merge_to`."""
     if weights_sd is None:
         weights_sd = read_weights(file)
+    weights_sd = rename_layers(weights_sd, unet_renames(unet))
     options = _network_options(kwargs, None)
     ignored = [key for key in DIM_ARGS if kwargs.get(key)]
     if ignored:

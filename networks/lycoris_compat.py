@@ -12,6 +12,9 @@ diffusers models and transformers 5 handled here:
 - under transformers 5 `CLIPTextModel` lost its `text_model` level, so lycoris names text-encoder layers
   `lora_te_encoder_layers_0_...`; files here use kohya's / A1111's `lora_te_text_model_encoder_layers_0_...`,
   and files written with the short names load too;
+- lycoris names U-Net layers by the diffusers path; kohya names SDXL's by the original (LDM) layout
+  (`lora_unet_input_blocks_4_1_...`, networks/targets.py), so SDXL layers are renamed to those names
+  the same way, and SDXL files lycoris wrote with diffusers paths load too;
 - `merge_to` (also `--base_weights`): lycoris merges every layer at multiplier 1 whatever was asked, and
   LoHa / LoKr with alpha/dim applied twice; here each layer merges at its multiplier, exactly as it runs;
 - lycoris' own loader cannot rebuild IA3 layers (a TypeError) and ignores `train_on_input`; a `full` layer
@@ -49,7 +52,7 @@ from lycoris.utils.preset import read_preset
 from lycoris.wrapper import network_module_dict
 from networks.base import arg_number, check_weights_fit
 from networks.lora import read_weights
-from networks.targets import TEXT_ENCODER_ROOT, lora_name, text_encoder_list
+from networks.targets import TEXT_ENCODER_ROOT, lora_name, text_encoder_list, unet_renames
 
 logger = logging.getLogger(__name__)
 
@@ -230,8 +233,14 @@ def text_encoder_renames(text_encoder) -> dict[str, str]:
     return renames
 
 
+def kohya_renames(text_encoder, unet) -> dict[str, str]:
+    """lycoris' name -> kohya's name, for every layer where they differ (text encoders, SDXL's U-Net)."""
+    return {**text_encoder_renames(text_encoder), **unet_renames(unet)}
+
+
 def kohya_keys(weights_sd: dict, renames: dict[str, str]) -> dict:
-    """`weights_sd` with lycoris' short text-encoder names (files lycoris wrote under transformers 5) renamed."""
+    """`weights_sd` with lycoris' own names (short text-encoder names under transformers 5, SDXL U-Net layers
+    by diffusers path) renamed to kohya's."""
     out = {}
     for key, value in weights_sd.items():
         name, dot, rest = key.partition(".")
@@ -241,8 +250,11 @@ def kohya_keys(weights_sd: dict, renames: dict[str, str]) -> dict:
 
 def _model_layers(text_encoder, unet, renames: dict[str, str]) -> dict[str, torch.nn.Module]:
     """kohya name -> module for every module of the models (what a file's layer names refer to)."""
-    layers = {lora_name(KohyaNetwork.LORA_PREFIX_UNET, p): m for p, m in unet.named_modules() if p} \
-        if unet is not None else {}
+    layers = {}
+    for path, module in unet.named_modules() if unet is not None else ():
+        if path:
+            name = lora_name(KohyaNetwork.LORA_PREFIX_UNET, path)
+            layers[renames.get(name, name)] = module
     encoders = text_encoder_list(text_encoder)
     for i, encoder in enumerate(encoders):
         prefix = KohyaNetwork.LORA_PREFIX_TEXT_ENCODER + (str(i + 1) if isinstance(text_encoder, (list, tuple))
@@ -264,7 +276,7 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
     with _preset_applied(preset):
         network = lycoris_kohya.create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet,
                                                **args)
-    return LycorisNetwork.adopt(network, text_encoder)
+    return LycorisNetwork.adopt(network, text_encoder, unet)
 
 
 def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
@@ -274,7 +286,7 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
     (with kohya's names)."""
     checked_args(kwargs)
     source = file or "network weights"
-    renames = text_encoder_renames(text_encoder)
+    renames = kohya_renames(text_encoder, unet)
     weights_sd = kohya_keys(read_weights(file) if weights_sd is None else weights_sd, renames)
     layers = _model_layers(text_encoder, unet, renames)
     names = list(dict.fromkeys(key.split(".")[0] for key in weights_sd if "." in key))
@@ -322,16 +334,16 @@ def _module_from_weights(source: str, weights_sd: dict, name: str, module: torch
 class LycorisNetwork(KohyaNetwork):
     """lycoris' kohya network with sdtune's loading, saving and merging. lycoris' factory builds its own
     class, so `adopt` turns that object into this subclass (which adds methods, no state of its own but
-    the text-encoder renames)."""
+    the renames to kohya's names)."""
 
     renames: dict[str, str] = {}
 
     @classmethod
-    def adopt(cls, network: KohyaNetwork, text_encoder) -> "LycorisNetwork":
-        """`network` as this class, its text-encoder layers named as kohya names them."""
+    def adopt(cls, network: KohyaNetwork, text_encoder, unet=None) -> "LycorisNetwork":
+        """`network` as this class, its layers named as kohya names them (before apply_to registers them)."""
         network.__class__ = cls
-        network.renames = text_encoder_renames(text_encoder)
-        for lora in network.text_encoder_loras:
+        network.renames = kohya_renames(text_encoder, unet)
+        for lora in network.text_encoder_loras + network.unet_loras:
             lora.lora_name = network.renames.get(lora.lora_name, lora.lora_name)
         return network
 

@@ -66,3 +66,37 @@ def files_under(path) -> list[str]:
     for root, _, names in os.walk(path):
         found += [os.path.join(root, n) for n in names]
     return sorted(found)
+
+
+# --- H1: SD2 fixtures ---
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory) -> str:
+    """A tiny SD 2.x diffusers folder (linear projections, gelu CLIP, pad "!"), epsilon prediction."""
+    from library.models.synthetic import build_sd2_pipeline_folder
+
+    path = str(tmp_path_factory.mktemp("models") / "tiny_sd2")
+    build_sd2_pipeline_folder(path, size="tiny", seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_v_dir(tmp_path_factory) -> str:
+    """The same tiny SD 2.x model whose scheduler config says prediction_type v_prediction (a 768-v)."""
+    from library.models.synthetic import build_sd2_pipeline_folder
+
+    path = str(tmp_path_factory.mktemp("models") / "tiny_sd2_v")
+    build_sd2_pipeline_folder(path, size="tiny", seed=0, v_prediction=True)
+    return path
+
+
+# --- H2: tiny SDXL fixtures ---
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> str:
+    """A tiny SDXL diffusers folder (two text encoders and tokenizers, size / crop time embedding)."""
+    from library.models.synthetic_sdxl import build_sdxl_pipeline_folder
+
+    path = str(tmp_path_factory.mktemp("models") / "tiny_sdxl")
+    build_sdxl_pipeline_folder(path, size="tiny", seed=0)
+    return path

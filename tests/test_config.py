@@ -38,9 +38,10 @@ SDTUNE_OPTIONS = [
 ]
 
 
-def test_kohya_train_network_flag_count_is_193():
+def test_kohya_train_network_flag_count_is_195():
+    # kohya's train_network.py has 193; sdxl_train_network.py adds the two text-encoder cache flags
     kohya = [o for o in OPTIONS if o.kohya and "train_network" in o.scripts]
-    assert len(kohya) == 193
+    assert len(kohya) == 195
     assert [o.name for o in OPTIONS if not o.kohya] == SDTUNE_OPTIONS
     assert len({o.name for o in OPTIONS}) == len(OPTIONS)
 
@@ -48,6 +49,7 @@ def test_kohya_train_network_flag_count_is_193():
 @pytest.mark.parametrize("group, count", [
     ("logging", 3), ("sd_models", 4), ("model_spec", 11), ("dataset", 38), ("training", 76), ("masked_loss", 2),
     ("deepspeed", 9), ("optimizer", 16), ("config", 1), ("custom_train", 5), ("train_network", 28),
+    ("sdxl_training", 2),
 ])
 def test_flags_per_kohya_function(group, count):
     assert sum(1 for o in OPTIONS if o.group == group) == count
@@ -83,7 +85,7 @@ def test_every_default_survives_its_own_conversion(opt):
 
 def test_default_config_holds_every_option():
     cfg = default_config()
-    assert len(vars(cfg)) == 193 + len(SDTUNE_OPTIONS)
+    assert len(vars(cfg)) == 195 + len(SDTUNE_OPTIONS)
     assert (cfg.train_batch_size, cfg.caption_extension, cfg.min_bucket_reso, cfg.max_bucket_reso) == (1, ".caption", 256, 1024)
     assert (cfg.bucket_reso_steps, cfg.cache_latents, cfg.network_args, cfg.unsafe_load_ckpt) == (64, False, None, False)
     assert vars(parse_args([])) == vars(cfg)
@@ -220,8 +222,8 @@ def test_missing_config_file(tmp_path):
 # --- support and cross-checks ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
-    (["--v2"], "not supported yet: --v2"),
-    (["--async_upload", "--v2"], "not supported yet: --v2, --async_upload"),
+    (["--mem_eff_attn"], "not supported yet: --mem_eff_attn"),
+    (["--mem_eff_attn", "--async_upload"], "not supported yet: --async_upload, --mem_eff_attn"),
     (["--huggingface_repo_id", "me/lora"], "not supported yet: --huggingface_repo_id"),
     (["--deepspeed"], "not supported yet: --deepspeed"),
     (["--lr_scheduler", "no_such_schedule"], "not supported yet: --lr_scheduler no_such_schedule (supported: constant,"),

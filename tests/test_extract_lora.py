@@ -160,8 +160,8 @@ def test_randomized_svd_recovers_low_rank_and_is_near_optimal():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--v2"], "not supported yet: --v2"),
-    (["--sdxl"], "not supported yet: --sdxl"),
+    (["--v2"], "is an SD 1.x model, but --v2 was given"),
+    (["--sdxl"], "is an SD 1.x model, but --sdxl was given"),
     (["--dim", "0"], "--dim 0"),
     (["--clamp_quantile", "0"], "--clamp_quantile 0"),
     (["--save_to", "x.ckpt"], ".safetensors"),

@@ -209,7 +209,7 @@ def _cfg(**kw):
 
 @pytest.mark.parametrize("options, message", [
     (dict(adaptive_noise_scale=0.1), "--adaptive_noise_scale needs --noise_offset"),
-    (dict(scale_v_pred_loss_like_noise_pred=True), "--scale_v_pred_loss_like_noise_pred needs --v_parameterization"),
+    (dict(scale_v_pred_loss_like_noise_pred=True), "--scale_v_pred_loss_like_noise_pred needs v-prediction"),
     (dict(v_pred_like_loss=0.1, v_parameterization=True), "--v_pred_like_loss cannot be used with"),
     (dict(min_timestep=1000), "--min_timestep 1000: must be between 0 and 999"),
     (dict(max_timestep=0), "--max_timestep 0: must be between 1 and 1000"),
@@ -218,8 +218,9 @@ def _cfg(**kw):
     (dict(min_snr_gamma=-1.0), "--min_snr_gamma -1.0: must not be negative"),
 ])
 def test_refused_combinations(options, message):
-    with pytest.raises(UserError) as info:
-        losses.LossSettings.from_cfg(_cfg(**options))
+    cfg = _cfg(**options)
+    with pytest.raises(UserError) as info:  # prediction checks run again once the model says v or epsilon
+        losses.LossSettings.from_cfg(cfg).check_prediction(cfg.v_parameterization)
     assert str(info.value).startswith(message)
 
 

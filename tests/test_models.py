@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from library.errors import UserError
-from library.models import detect_family, enable_xformers, files, ldm_keys, load_model
+from library.models import detect_family, enable_xformers, files, ldm_keys, load_model, single_file
 from library.models.sd1 import SD1Family
 from library.models.synthetic import build_sd1_components, write_sd1_single_file
 
@@ -111,9 +111,9 @@ def test_single_file_ldm_names(tiny_single_file):
 @pytest.fixture
 def tiny_repo_configs(monkeypatch, tiny_model_dir):
     """Files without sdtune's config metadata use the repo's SD1 configs: point those at the tiny model."""
-    from library.models import sd1
+    from library.models import single_file
 
-    monkeypatch.setattr(sd1, "CONFIG_DIR", tiny_model_dir)
+    monkeypatch.setitem(single_file.CONFIG_DIRS, "sd1", tiny_model_dir)
 
 
 def test_pickle_needs_unsafe_load_ckpt(family, tiny_single_file, tmp_path, tiny_repo_configs):
@@ -135,8 +135,8 @@ def test_ldm_mapping_covers_sd15_architecture():
 
     parts = build_sd1_components("sd15", empty=True)
     unet, vae, text = (parts[k].state_dict() for k in ("unet", "vae", "text_encoder"))
-    out = ldm_keys.sd1_to_ldm(unet, vae, text)
-    assert len(out) == len(unet) + len(vae) + len(text) == 686 + 248 + 196
+    out = single_file.to_ldm("sd1", parts["unet"], parts["vae"], [parts["text_encoder"]])
+    assert len(out) == len(unet) + len(vae) + len(text) + 1 == 1131  # + position_ids, as SD 1.5 files have
     assert "model.diffusion_model.output_blocks.5.2.conv.weight" in out
     assert "model.diffusion_model.input_blocks.9.0.op.weight" in out
     assert "first_stage_model.decoder.up.0.block.2.nin_shortcut.weight" not in out
@@ -152,10 +152,10 @@ def test_ldm_mapping_covers_sd15_architecture():
 
 
 def test_unmapped_key_raises():
-    parts = build_sd1_components("tiny", empty=True)
-    unet = dict(parts["unet"].state_dict(), **{"add_embedding.linear_1.weight": torch.zeros(1)})
-    with pytest.raises(ldm_keys.UnmappedKeyError, match="add_embedding"):
-        ldm_keys.sd1_to_ldm(unet, parts["vae"].state_dict(), parts["text_encoder"].state_dict())
+    unet = dict(build_sd1_components("tiny", empty=True)["unet"].state_dict())
+    unet["class_embedding.linear_1.weight"] = torch.zeros(1)
+    with pytest.raises(ldm_keys.UnmappedKeyError, match="class_embedding"):
+        ldm_keys.unet_key_map(unet)
 
 
 # --- detection and bad input ---------------------------------------------------------------------
@@ -190,11 +190,11 @@ def test_detect_family_of_folders(tiny_model_dir, tmp_path):
     assert detect_family(str(sd2)) == "sdxl"
 
 
-@pytest.mark.parametrize("to_k, label", [(1024, "SD 2.x"), (2048, "SDXL")])
-def test_other_families_are_not_supported_yet(tmp_path, to_k, label):
+@pytest.mark.parametrize("to_k, label", [(768, "SD 1.x"), (2048, "SDXL")])
+def test_v2_flag_must_match_the_detected_family(tmp_path, to_k, label):
     path = _fake_checkpoint(tmp_path / "other.safetensors", {TO_K: (4, to_k)})
-    with pytest.raises(UserError, match=rf"other\.safetensors is an {label} checkpoint: not supported yet"):
-        load_model(_cfg(path))
+    with pytest.raises(UserError, match=rf"--v2 is given but .*other\.safetensors is an {label} checkpoint"):
+        load_model(_cfg(path, v2=True))
 
 
 def test_bad_model_paths(tmp_path, tiny_single_file):
@@ -203,7 +203,7 @@ def test_bad_model_paths(tmp_path, tiny_single_file):
     with pytest.raises(UserError, match=r"runwayml/stable-diffusion-v1-5.*offline.*local path"):
         load_model(_cfg("runwayml/stable-diffusion-v1-5"))
     lora = _fake_checkpoint(tmp_path / "lora.safetensors", {"lora_unet_x.lora_down.weight": (2, 4)})
-    with pytest.raises(UserError, match=r"lora\.safetensors: no Stable Diffusion UNet weights"):
+    with pytest.raises(UserError, match=r"lora\.safetensors is a LoRA \(network\) file"):
         load_model(_cfg(lora))
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")

@@ -1,10 +1,12 @@
-"""Extract a LoRA from the difference of two SD 1.x models (kohya's extract_lora_from_models.py).
+"""Extract a LoRA from the difference of two SD 1.x / 2.x / SDXL models (kohya's extract_lora_from_models.py).
 
     python tools/extract_lora_from_models.py --model_org base.safetensors --model_tuned tuned.safetensors \
         --save_to out/lora.safetensors --dim 32 [--conv_dim 16]
 
 Each LoRA layer gets the rank-`dim` approximation of (tuned - original), clamped as kohya does, with
-alpha = rank. Models are single files or diffusers folders. The math: library/extract.py.
+alpha = rank. Models are single files or diffusers folders; their family is detected (kohya's --v2 /
+--sdxl are accepted and checked). SDXL LoRAs get kohya's SDXL names (lora_te1_, lora_te2_, lora_unet_
+with the LDM block names). The math: library/extract.py.
 """
 
 from __future__ import annotations
@@ -42,14 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="precision of the saved LoRA (default float)")
     parser.add_argument("--no_metadata", action="store_true",
                         help="write only the ss_* keys, not the ModelSpec (modelspec.*) ones")
-    parser.add_argument("--v2", action="store_true", help="SD 2.x models (not supported yet)")
-    parser.add_argument("--sdxl", action="store_true", help="SDXL models (not supported yet)")
+    parser.add_argument("--v2", action="store_true", help="kohya: the models are SD 2.x (checked, not needed)")
+    parser.add_argument("--sdxl", action="store_true", help="kohya: the models are SDXL (checked, not needed)")
     parser.add_argument("--v_parameterization", action="store_true", default=None,
                         help="mark the LoRA as made for a v-prediction model (metadata only)")
     parser.add_argument("--full_svd", action="store_true",
                         help="sdtune: kohya's full SVD per layer instead of the faster randomized one")
     for flag in ("--load_original_model_to", "--load_tuned_model_to"):
-        parser.add_argument(flag, default=None, help="kohya: SDXL only; ignored for SD 1.x")
+        parser.add_argument(flag, default=None, help="kohya: a device for SDXL loading; ignored (models load on "
+                            "the CPU, one component at a time)")
     parser.add_argument("--mem_eff_safe_open", action="store_true",
                         help="kohya's low-memory reader; files are always read one component at a time here")
     return parser
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
     for flag in ("load_original_model_to", "load_tuned_model_to"):
         if getattr(args, flag):
-            logger.warning("--%s applies to SDXL only (as in kohya); ignored", flag)
+            logger.warning("--%s: ignored; models load on the CPU one component at a time, --device sets "
+                           "where the SVDs run", flag)
     settings = ExtractSettings(dim=args.dim, conv_dim=args.conv_dim or None, clamp_quantile=args.clamp_quantile,
                                min_diff=args.min_diff, device=args.device, full_svd=args.full_svd)
     extract(args.model_org, args.model_tuned, args.save_to, settings, v2=args.v2, sdxl=args.sdxl,

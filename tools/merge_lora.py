@@ -1,4 +1,4 @@
-"""Merge networks into an SD 1.x checkpoint, or LoRA files into one LoRA (library/merging.py).
+"""Merge networks into an SD 1.x / 2.x / SDXL checkpoint, or LoRA files into one LoRA (library/merging.py).
 
     python tools/merge_lora.py --sd_model model.safetensors --models a.safetensors b.safetensors \
         --ratios 0.7 -0.3 --save_to merged.safetensors
@@ -6,8 +6,9 @@
 
 With --sd_model every wrapped weight becomes W + ratio * delta, exactly as the network computes it
 (LoRA, LoCon, DyLoRA, and LyCORIS files); the model is written in the input's layout (single file or
-diffusers folder). Without it, LoRA files are merged by stacking their ranks: the result's rank is the sum
-and its delta is exactly the ratio-weighted sum. --kohya_average gives kohya's merge of the factors instead.
+diffusers folder); its family (SD 1.x, 2.x, SDXL) is read from the model, and kohya's --v2 / --sdxl are
+accepted and checked against it. Without it, LoRA files are merged by stacking their ranks: the result's
+rank is the sum and its delta is exactly the ratio-weighted sum. --kohya_average gives kohya's merge of the factors instead.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 def merge(args: argparse.Namespace) -> None:
     """Check everything, read the inputs, merge, write."""
-    if args.v2:
-        raise not_supported("v2 (merge_lora handles SD 1.x models)")
     if args.shuffle:
         raise not_supported("shuffle")
     if args.concat and args.kohya_average:
@@ -49,8 +48,12 @@ def _into_checkpoint(args, ratios, save_dtype) -> None:
     # a folder model may be written as a folder or as one file; a file model only as a file
     suffixes = ("",) if os.path.isdir(args.sd_model) else (".safetensors",)
     merging.check_save_to(args.save_to, [args.sd_model] + args.models, suffixes)
+    from library.models import files
+
+    files.check_local_path(args.sd_model, "--sd_model")  # family flags are checked before anything is read
+    files.check_family_flags(args.sd_model, files.detect_family(args.sd_model), args.v2, args.sdxl, "--sd_model")
     nets = [merging.read_network(path) for path in args.models]
-    ckpt = merging.load_checkpoint(args.sd_model)
+    ckpt = merging.load_checkpoint(args.sd_model, args.v2, args.sdxl)
     merging.merge_into_model(ckpt.text_encoder, ckpt.unet, nets, ratios, args.device)
     merging.save_checkpoint(ckpt, args.save_to, save_dtype)
 
@@ -70,7 +73,8 @@ def _into_lora(args, ratios, save_dtype) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="merge_lora.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--sd_model", help="SD 1.x model to merge into (.safetensors or diffusers folder); "
+    parser.add_argument("--sd_model", help="SD 1.x / 2.x / SDXL model to merge into (.safetensors or diffusers "
+                        "folder; the family is detected); "
                         "without it the networks are merged into one LoRA")
     parser.add_argument("--models", nargs="+", required=True, help="network files (.safetensors)")
     parser.add_argument("--ratios", nargs="+", type=float, help="one ratio per model (default 1.0 each)")
@@ -80,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kohya_average", action="store_true",
                         help="kohya's default LoRA merge: add the factors (not the sum of the changes)")
     parser.add_argument("--shuffle", action="store_true", help="kohya's rank shuffle (refused)")
-    parser.add_argument("--v2", action="store_true", help="SD 2.x model (refused: SD 1.x only)")
+    parser.add_argument("--v2", action="store_true", help="kohya: --sd_model is SD 2.x (checked, not needed)")
+    parser.add_argument("--sdxl", action="store_true", help="kohya's sdxl_merge_lora.py: --sd_model is SDXL "
+                        "(checked, not needed)")
     return parser
 
 

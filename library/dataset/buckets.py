@@ -154,3 +154,15 @@ def no_upscale_bucket(width: int, height: int, max_area: int, steps: int) -> tup
 def center_crop_offsets(resized: Size, bucket: Size) -> tuple[int, int]:
     """(left, top) of the bucket-sized window centered in the resized image (kohya: overhang // 2)."""
     return (max(0, resized[0] - bucket[0]) // 2, max(0, resized[1] - bucket[1]) // 2)
+
+
+def kohya_crop_ltrb(bucket: Size, original_size: Size) -> tuple[float, ...]:
+    """kohya's crop_ltrb value (BucketManager.get_crop_ltrb): the image's box inside the bucket when it is
+    fitted rather than covered; SDXL conditions on it. Kept bit-for-bit, floats included."""
+    bucket_ar, image_ar = bucket[0] / bucket[1], original_size[0] / original_size[1]
+    if bucket_ar > image_ar:
+        width, height = bucket[1] * image_ar, bucket[1]
+    else:
+        width, height = bucket[0], bucket[0] / image_ar
+    left, top = (bucket[0] - width) // 2, (bucket[1] - height) // 2
+    return (left, top, left + width, top + height)

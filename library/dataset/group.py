@@ -22,6 +22,7 @@ class DatasetGroup:
         self.seed = seed
         self.epoch = 0
         self._latent_cache = None
+        self._text_cache = None
         self._order = self._plan(0)
         self.clock = None  # set by build_dataset: the group's batch index gives the optimizer step
 
@@ -73,6 +74,16 @@ class DatasetGroup:
         self._latent_cache = cache
         for dataset in self.datasets:
             dataset.latent_cache = cache
+
+    @property
+    def text_cache(self):
+        return self._text_cache
+
+    @text_cache.setter
+    def text_cache(self, cache) -> None:
+        self._text_cache = cache
+        for dataset in self.datasets:
+            dataset.text_cache = cache
 
     def cache_latents(self, encode: Callable, batch_size: int = 1, cache=None) -> None:
         """One cache for all datasets; it is keyed by image path (and bucket, with several resolutions), so

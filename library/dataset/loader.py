@@ -22,6 +22,7 @@ from library.dataset.folders import Subset
 from library.dataset.images import PLAIN, Augmentation, load_pixels, random_crop_offsets
 from library.dataset.masks import NO_MASKS, MaskSource, full_mask, latent_mask
 from library.dataset.report import schedule_length
+from library.dataset.size_cond import batch_size_cond
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -242,7 +243,8 @@ def _split_reg(records: list[ImageRecord]) -> list[ImageRecord]:
 
 
 class TrainDataset:
-    """Batches of one epoch. `dataset[i]` is batch i: a dict of images or latents, captions, is_reg, flipped."""
+    """Batches of one epoch. `dataset[i]` is batch i: a dict of images or latents, captions, is_reg, flipped,
+    size_cond (and text_outputs with cached text-encoder outputs)."""
 
     augment: Augmentation = PLAIN  # set from the options by whoever builds the dataset (see build_dataset)
     network_multiplier: float = 1.0  # a --dataset_config dataset's network_multiplier
@@ -260,6 +262,7 @@ class TrainDataset:
         self.seed = seed
         self.epoch = 0
         self.latent_cache = None  # set by cache_latents; then items carry latents instead of images
+        self.text_cache = None  # set by caching.cache_text_encoder_outputs; then items carry text_outputs
         self._batches = plan_batches(self.variants, batch_size, epoch_rng(seed, 0), seed)
 
     def set_epoch(self, epoch: int) -> None:
@@ -290,10 +293,11 @@ class TrainDataset:
         else:
             images = torch.stack([load_pixels(r.path, r.resized, r.bucket, self.augment_of(r), rng, flip)
                                   for r, rng, flip in zip(members, rngs, flipped)])
-        return {
+        captions = [self._caption(r, index, position, step) for position, r in enumerate(members)]
+        batch = {
             "images": images,
             "latents": latents,
-            "captions": [self._caption(r, index, position, step) for position, r in enumerate(members)],
+            "captions": captions,
             "is_reg": torch.tensor([r.is_reg for r in members], dtype=torch.bool),
             "flipped": torch.tensor(flipped, dtype=torch.bool),
             "network_multiplier": self.network_multiplier,
@@ -301,7 +305,11 @@ class TrainDataset:
             "buckets": [r.bucket for r in members],  # with several resolutions, this sample's own
             "resized": [r.resized for r in members],
             "masks": masks,
+            "size_cond": batch_size_cond(members, flipped),  # SDXL's added time ids (library/dataset/size_cond.py)
         }
+        if self.text_cache is not None:  # --cache_text_encoder_outputs: the encoders' outputs, per key stacked
+            batch["text_outputs"] = self.text_cache.batch([r.path for r in members], captions)
+        return batch
 
     def augment_of(self, record: ImageRecord) -> Augmentation:
         """The record's augmentation: its subset's, else the dataset's."""

@@ -1,9 +1,11 @@
 """Model families: which one a checkpoint is, and loading it.
 
-A family (SD 1.x now; SD 2.x and SDXL later) is one module with one class exposing the interface the
-trainer uses: unet, vae, text_encoders, tokenizers, noise_scheduler, v_prediction, model_path,
-vae_path, tokenize(), encode_text(), encode_images(), predict(), resolution_default. Adding a family is
-one module and one line in FAMILIES; nothing else asks which family it runs.
+A family (SD 1.x, SD 2.x, SDXL) is one module with one class exposing the interface the trainer uses:
+unet, vae, text_encoders, tokenizers, noise_scheduler, v_prediction, model_path, vae_path,
+resolution_default, bucket_divisor, tokenize(), count_tokens(), encode_conditioning() (text-encoder
+outputs under kohya's npz key names), encode_images(), predict(noisy, timesteps, cond, batch),
+pipeline() and prompt_embeds() for samples. Adding a family is one module and one line in FAMILIES;
+nothing else asks which family it runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from library.models.files import detect_family as _detect_family
 # family name -> "module:Class", imported on first use.
 FAMILIES = {
     "sd1": "library.models.sd1:SD1Family",
+    "sd2": "library.models.sd2:SD2Family",
+    "sdxl": "library.models.sdxl:SDXLFamily",
 }
 _LABELS = {"sd1": "an SD 1.x", "sd2": "an SD 2.x", "sdxl": "an SDXL"}
 
@@ -40,6 +44,9 @@ def load_model(cfg):
     """Load the base model named by cfg.pretrained_model_name_or_path into its family object."""
     path = cfg.pretrained_model_name_or_path
     name = detect_family(path, bool(getattr(cfg, "unsafe_load_ckpt", False)))
+    if getattr(cfg, "v2", False) and name != "sd2":
+        raise UserError(f"--v2 is given but {path} is {_LABELS[name]} checkpoint, not SD 2.x: remove --v2 "
+                        "(sdtune detects the model family from the weights)")
     return family_class(name, path).load(cfg)
 
 

@@ -128,10 +128,7 @@ def detect_family_from_keys(path: str, keys: list[str], shape) -> str:
         return "sd2"  # OpenCLIP text encoder
     to_k = next((k for k in keys if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")), None)
     if to_k is None:
-        raise UserError(
-            f"{path}: no Stable Diffusion UNet weights found (model.diffusion_model.*); "
-            "is it a LoRA, VAE or embedding file?"
-        )
+        raise UserError(not_a_base_model(path, keys))
     context_dim = shape(to_k)[-1]
     if context_dim == 2048:
         return "sdxl"
@@ -140,6 +137,23 @@ def detect_family_from_keys(path: str, keys: list[str], shape) -> str:
     if context_dim == 768 or any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
     raise UserError(f"{path}: unrecognised checkpoint (cross-attention width {context_dim})")
+
+
+_NETWORK_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
+_EMBEDDING_KEYS = ("emb_params", "string_to_param", "clip_l", "clip_g")
+_VAE_KEYS = ("encoder.conv_in.weight", "first_stage_model.encoder.conv_in.weight", "decoder.conv_in.weight")
+
+
+def not_a_base_model(path: str, keys: list[str]) -> str:
+    """The one-line message for a file with no UNet: what it is instead, and where it belongs."""
+    if any(k.startswith(_NETWORK_PREFIXES) for k in keys):
+        return f"{path} is a LoRA (network) file, not a base model: pass it as --network_weights"
+    if any(k in _VAE_KEYS for k in keys):
+        return f"{path} is a VAE, not a base model: pass it as --vae"
+    if any(k.split(".")[0] in _EMBEDDING_KEYS for k in keys):
+        return f"{path} is an embedding (textual inversion), not a base model: load it with the prompt, not as a model"
+    return (f"{path}: no Stable Diffusion UNet weights (model.diffusion_model.*); expected an SD 1.x, SD 2.x "
+            "or SDXL checkpoint (.safetensors) or a diffusers folder")
 
 
 def _read_json(path: str) -> dict:
@@ -187,3 +201,18 @@ def detect_family(path: str, unsafe_load_ckpt: bool = False) -> str:
         raise UserError(f"{path}: unsupported model file type; use .safetensors or a diffusers folder")
     keys, _, shapes = _safetensors_header(path)
     return detect_family_from_keys(path, keys, shapes.__getitem__)
+
+
+_FAMILY_LABELS = {"sd1": "an SD 1.x", "sd2": "an SD 2.x", "sdxl": "an SDXL"}
+
+
+def check_family_flags(path: str, family: str, v2: bool = False, sdxl: bool = False, flag: str = "model") -> None:
+    """kohya's --v2 / --sdxl tell a tool the family; sdtune reads it from the file. A flag that says
+    otherwise is a UserError (the tools need neither flag)."""
+    wanted = "sdxl" if sdxl else "sd2" if v2 else None
+    if v2 and sdxl:
+        raise UserError("--v2 and --sdxl: give at most one (sdtune detects the model family itself)")
+    if wanted is not None and wanted != family:
+        given = "--sdxl" if sdxl else "--v2"
+        raise UserError(f"{flag} {path} is {_FAMILY_LABELS[family]} model, but {given} was given; "
+                        f"drop {given} (sdtune detects the model family itself)")

@@ -1,4 +1,4 @@
-"""Our diffusers -> original-LDM key mapping for SD 1.x single-file checkpoints.
+"""Our diffusers -> original-LDM / SGM key mapping for SD 1.x, SD 2.x and SDXL single-file checkpoints.
 
 diffusers can read single files but cannot write them, so saving one (the layout A1111, ComfyUI and
 kohya read) needs this mapping. Every key is translated by a rule below; a key no rule matches raises,
@@ -9,7 +9,7 @@ attention names) are those of the CompVis `ldm` code that SD 1.x checkpoints wer
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
@@ -34,6 +34,9 @@ _UNET_FIXED = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL: the pooled-text and size embedding (diffusers add_embedding, SGM label_emb)
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 
 
@@ -154,22 +157,80 @@ def _vae_tensor(ldm_key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def sd1_to_ldm(
-    unet: dict[str, torch.Tensor],
-    vae: dict[str, torch.Tensor],
-    text_encoder: dict[str, torch.Tensor],
-    convert: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-) -> dict[str, torch.Tensor]:
-    """One LDM-layout state dict from the three diffusers/transformers state dicts.
+# --- OpenCLIP text encoders (SD 2.x's OpenCLIP-H, SDXL's bigG) <-> transformers' CLIP layout -------------
 
-    `convert` is applied to each tensor (e.g. a dtype cast); the identity keeps the caller's tensors,
-    so no copy of the model is made. Raises UnmappedKeyError on any key no rule translates.
-    """
+# transformers names inside one encoder layer -> OpenCLIP resblock names (q/k/v are one stacked in_proj).
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+
+def open_clip_key(key: str) -> tuple[str, int | None]:
+    """A transformers CLIP text key -> (its OpenCLIP key, the q/k/v slot inside in_proj or None).
+
+    `text_projection.weight` maps to OpenCLIP's `text_projection`, which holds the transposed matrix
+    (OpenCLIP multiplies x @ P; a Linear computes x @ W.T)."""
+    bare = key.removeprefix("text_model.")
+    fixed = {
+        "embeddings.token_embedding.weight": "token_embedding.weight",
+        "embeddings.position_embedding.weight": "positional_embedding",
+        "text_projection.weight": "text_projection",
+    }
+    if bare in fixed:
+        return fixed[bare], None
+    if m := re.match(r"final_layer_norm\.(weight|bias)$", bare):
+        return f"ln_final.{m[1]}", None
+    m = re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", bare)
+    if m is None:
+        raise UnmappedKeyError(f"text encoder key {key!r}")
+    block, name, kind = f"transformer.resblocks.{m[1]}", m[2], m[3]
+    if name.startswith("self_attn.") and name[len("self_attn."):] in _QKV:
+        return f"{block}.attn.in_proj_{kind}", _QKV[name[len("self_attn."):]]
+    if name not in _OPEN_CLIP_LAYER:
+        raise UnmappedKeyError(f"text encoder key {key!r}")
+    return f"{block}.{_OPEN_CLIP_LAYER[name]}.{kind}", None
+
+
+def hf_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text state dict in OpenCLIP's layout (q, k, v stacked into in_proj)."""
     out: dict[str, torch.Tensor] = {}
-    for key, ldm in unet_key_map(unet).items():
-        out[UNET_PREFIX + ldm] = convert(unet[key])
-    for key, ldm in vae_key_map(vae).items():
-        out[VAE_PREFIX + ldm] = convert(_vae_tensor(ldm, vae[key]))
-    for key, ldm in text_key_map(k for k in text_encoder if not k.endswith("position_ids")).items():
-        out[TEXT_PREFIX + ldm] = convert(text_encoder[key])
+    stacked: dict[str, list] = {}
+    for key, tensor in state.items():
+        if key.endswith("position_ids"):
+            continue
+        name, slot = open_clip_key(key)
+        if slot is not None:
+            stacked.setdefault(name, [None] * 3)[slot] = tensor
+        elif name == "text_projection":
+            out[name] = tensor.T.contiguous()
+        else:
+            out[name] = tensor
+    for name, parts in stacked.items():
+        if any(p is None for p in parts):
+            raise UnmappedKeyError(f"{name}: q, k and v projections must all be present")
+        out[name] = torch.cat(parts, dim=0)
+    return out
+
+
+def open_clip_to_hf(state: dict[str, torch.Tensor], model_state: dict) -> dict[str, torch.Tensor]:
+    """The tensors a transformers CLIP text model (keys of `model_state`) takes from an OpenCLIP-layout
+    state dict. File keys the model does not ask for (SD 2's 24th block, logit_scale) are left out, and so
+    are model keys the file lacks (the caller reports them as missing)."""
+    out: dict[str, torch.Tensor] = {}
+    for key in model_state:
+        name, slot = open_clip_key(key)
+        if name not in state:
+            continue
+        tensor = state[name]
+        if slot is not None:  # a copy, so the model's q/k/v do not share one storage
+            out[key] = tensor.chunk(3, dim=0)[slot].clone()
+        elif name == "text_projection":
+            out[key] = tensor.T.contiguous()
+        else:
+            out[key] = tensor
     return out

@@ -10,7 +10,6 @@ Text handling follows kohya sd-scripts so that trained files behave the same the
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 
@@ -22,7 +21,6 @@ from library.prompt_weights import apply_token_weights, weighted_token_ids
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs", "sd1")
 CHUNK = 75  # caption tokens per CLIP pass (77 minus BOS and EOS)
 MAX_TOKEN_LENGTHS = (None, 75, 150, 225)
 
@@ -62,13 +60,6 @@ def merge_chunk_states(states: torch.Tensor, max_token_length: int) -> torch.Ten
         parts.append(states[:, start : start + CHUNK])
     parts.append(states[:, -1:])
     return torch.cat(parts, dim=1)
-
-
-def _read_config(name: str) -> dict:
-    """A config of the real SD 1.5 architecture, stored in the repository (never fetched)."""
-    filename = "scheduler_config.json" if name == "scheduler" else "config.json"
-    with open(os.path.join(CONFIG_DIR, name, filename), encoding="utf-8") as f:
-        return json.load(f)
 
 
 class SD1Family:
@@ -154,13 +145,10 @@ class SD1Family:
     @classmethod
     def _load_single_file(cls, path: str, unsafe: bool):
         """unet, vae, text encoder from an LDM-layout file, one component resident at a time."""
-        reader = files.CheckpointReader(path, unsafe)
-        configs = reader.stored_configs() or {}
-        unet = _unet_from_ldm(reader, configs.get("unet") or _read_config("unet"))
-        vae_config = configs.get("vae") or _read_config("vae")
-        vae = _vae_from_ldm(reader.path, reader.read(_vae_prefix(reader)), vae_config)
-        text_encoder = _text_from_ldm(reader, configs.get("text_encoder") or _read_config("text_encoder"))
-        return unet, vae, text_encoder
+        from library.models import single_file
+
+        parts = single_file.load_components(cls.name, path, unsafe)
+        return parts["unet"], parts["vae"], parts["text_encoders"][0]
 
     @staticmethod
     def load_vae(path: str, unsafe: bool = False):
@@ -176,13 +164,9 @@ class SD1Family:
                     except (OSError, ValueError) as exc:
                         raise UserError(f"{path}: cannot load the VAE ({str(exc).splitlines()[0]})") from None
             raise UserError(f"{path}: not a diffusers VAE folder (no config.json or vae/config.json)")
-        reader = files.CheckpointReader(path, unsafe)
-        prefix = _vae_prefix(reader)
-        state = {k[len(prefix) :]: v for k, v in reader.read(prefix).items()}
-        if "encoder.conv_in.weight" not in state:
-            raise UserError(f"{path}: no VAE weights found (encoder.conv_in.weight)")
-        config = (reader.stored_configs() or {}).get("vae") or _read_config("vae")
-        return _vae_from_ldm(path, state, config)
+        from library.models import single_file
+
+        return single_file.load_vae_file(path, "sd1", unsafe)
 
     # --- the family interface ------------------------------------------------------------------
 
@@ -253,9 +237,16 @@ class SD1Family:
         latents = self.vae.encode(pixels.to(param.device, param.dtype)).latent_dist.sample()
         return latents * self.vae.config.scaling_factor
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text_embeds: torch.Tensor):
-        """The UNet's output: noise (or v with --v_parameterization)."""
-        return self.unet(noisy_latents, timesteps, text_embeds).sample
+    def encode_conditioning(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Captions -> the text-encoder outputs the UNet needs, under kohya's npz key names (what
+        --cache_text_encoder_outputs stores per sample)."""
+        return {"hidden_state": self.encode_captions(captions)}
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond, batch: dict | None = None):
+        """The UNet's output: noise (or v with --v_parameterization). `cond` is encode_conditioning's dict
+        (or the hidden states themselves); SD 1.x / 2.x need nothing of the batch."""
+        states = cond["hidden_state"] if isinstance(cond, dict) else cond
+        return self.unet(noisy_latents, timesteps, states.to(noisy_latents.device)).sample
 
     # --- sample images (library/sampling.py) -----------------------------------------------------
 
@@ -299,71 +290,3 @@ def _no_transformers_progress_bar():
         if was_enabled:
             hf_logging.enable_progress_bar()
 
-
-def _vae_prefix(reader: files.CheckpointReader) -> str:
-    """VAE keys sit under `first_stage_model.` in a full checkpoint, at the top level in a VAE file."""
-    return "first_stage_model." if any(k.startswith("first_stage_model.") for k in reader.keys()) else ""
-
-
-def _as_float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cast half-precision files to fp32 one tensor at a time (each half tensor is freed as we go)."""
-    for key in list(state):
-        if state[key].is_floating_point() and state[key].dtype != torch.float32:
-            state[key] = state[key].float()
-    return state
-
-
-def _assign(model, state: dict[str, torch.Tensor], path: str, what: str):
-    """Load `state` into an empty (meta) model without copying; UserError on missing or misshapen keys."""
-    state = _as_float32(state)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as exc:
-        raise UserError(f"{path}: the {what} weights do not fit the SD 1.x architecture "
-                        f"({str(exc).splitlines()[-1].strip()})") from None
-    if missing:
-        raise UserError(f"{path}: {len(missing)} {what} weights missing (e.g. {missing[0]}); "
-                        "is it a complete SD 1.x checkpoint?")
-    unexpected = [k for k in unexpected if not k.endswith("position_ids")]
-    if unexpected:
-        logger.warning("%s: ignored %d unexpected %s keys (e.g. %s)", path, len(unexpected), what, unexpected[0])
-    return model.eval()
-
-
-def _unet_from_ldm(reader: files.CheckpointReader, config: dict):
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    state = reader.read("model.diffusion_model.")
-    conv_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
-    if conv_in is not None:
-        config = dict(config, in_channels=conv_in.shape[1])  # inpainting models take 9 channels
-    converted = convert_ldm_unet_checkpoint(state, config)
-    del state
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(config)
-    return _assign(unet, converted, reader.path, "UNet")
-
-
-def _vae_from_ldm(path: str, state: dict[str, torch.Tensor], config: dict):
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    converted = convert_ldm_vae_checkpoint(state, config)
-    del state
-    with init_empty_weights():
-        vae = AutoencoderKL.from_config(config)
-    return _assign(vae, converted, path, "VAE")
-
-
-def _text_from_ldm(reader: files.CheckpointReader, config: dict):
-    from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    prefix = "cond_stage_model.transformer."
-    state = {k[len(prefix) :].removeprefix("text_model."): v for k, v in reader.read(prefix).items()}
-    with init_empty_weights():
-        model = CLIPTextModel(CLIPTextConfig.from_dict(config))
-    return _assign(model, state, reader.path, "text encoder")

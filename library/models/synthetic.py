@@ -166,9 +166,7 @@ def write_sd1_single_file(
     Tensors are written without copies (a folder's modules are cast in place when `dtype` is given);
     the diffusers configs go into the metadata so non-standard sizes load back. Atomic. Returns `path`.
     """
-    from library.models.files import CONFIG_METADATA_KEY
-    from library.models.ldm_keys import sd1_to_ldm
-    from library.saving import save_safetensors
+    from library.models.single_file import write_single_file
 
     if isinstance(folder_or_components, str):
         from library.models.sd1 import SD1Family
@@ -177,29 +175,81 @@ def write_sd1_single_file(
         if dtype is not None:  # we own these modules: cast in place, one component at a time
             for module in (unet, vae, text_encoder):
                 module.to(dtype)
-        cast = _cast_to(None)
+        parts, dtype = {"unet": unet, "vae": vae, "text_encoders": [text_encoder]}, None
     else:
-        unet, vae, text_encoder = (folder_or_components[k] for k in ("unet", "vae", "text_encoder"))
-        cast = _cast_to(dtype)
-    configs = {
-        "unet": _plain_config(dict(unet.config)),
-        "vae": _plain_config(dict(vae.config)),
-        "text_encoder": _plain_config(text_encoder.config.to_dict()),
-    }
-    tensors = sd1_to_ldm(unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), cast)
-    meta = dict(metadata or {})
-    meta[CONFIG_METADATA_KEY] = json.dumps(configs, default=list)
-    save_safetensors(tensors, path, meta)
+        parts = folder_or_components
+    return write_single_file("sd1", parts, path, dtype, metadata)
+
+
+# SD 2.x: SD 1.5's layout with per-level head sizes, linear projections in the transformers, 1024-wide
+# cross-attention and OpenCLIP-H as a 23-layer CLIP text model (gelu, padded with "!"); the same VAE.
+SD2_PAD_TOKEN = "!"
+_SD2_UNET = dict(_SD15_UNET, sample_size=96, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                 use_linear_projection=True)
+_SD2_VAE = dict(_SD15_VAE, sample_size=768)
+_SD2_TEXT = dict(_SD15_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 hidden_act="gelu", projection_dim=512, pad_token_id=0)
+SD2_SIZES = {
+    "tiny": dict(unet=dict(_TINY_UNET, use_linear_projection=True), vae=_TINY_VAE,
+                 text_encoder=dict(_TINY_TEXT, hidden_act="gelu", pad_token_id=0)),
+    "sd2": dict(unet=_SD2_UNET, vae=_SD2_VAE, text_encoder=_SD2_TEXT),
+}
+
+
+def sd2_configs(size: str = "tiny") -> dict:
+    """SD 2.x config dicts (diffusers UNet/VAE kwargs, transformers CLIPTextConfig kwargs) for one size."""
+    if size not in SD2_SIZES:
+        raise ValueError(f"unknown synthetic SD2 size {size!r}; one of {sorted(SD2_SIZES)}")
+    return {name: dict(cfg) for name, cfg in SD2_SIZES[size].items()}
+
+
+def _iter_sd2_components(size: str, seed: int, empty: bool) -> Iterator[tuple[str, torch.nn.Module]]:
+    """unet, vae, text_encoder of SD 2.x, built lazily from one seeded RNG stream (as the SD1 builder)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = sd2_configs(size)
+    torch.manual_seed(seed)
+    builders = [
+        ("unet", lambda: UNet2DConditionModel(**cfg["unet"])),
+        ("vae", lambda: AutoencoderKL(**cfg["vae"])),
+        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))),
+    ]
+    for name, build in builders:
+        with init_empty_weights() if empty else contextlib.nullcontext():
+            yield name, build()
+
+
+def build_sd2_components(size: str = "tiny", seed: int = 0, empty: bool = False) -> dict:
+    """SD 2.x unet, vae and text_encoder ("tiny" or the real "sd2"); seeded, or empty (meta) weights."""
+    return dict(_iter_sd2_components(size, seed, empty))
+
+
+def sd2_scheduler_config(v_prediction: bool) -> dict:
+    """The scheduler a SD 2.x folder ships: kohya's DDPM betas; 768-v folders say v_prediction."""
+    from library.models.sd1 import kohya_noise_scheduler
+
+    config = dict(kohya_noise_scheduler().config)
+    config.update(steps_offset=1, prediction_type="v_prediction" if v_prediction else "epsilon")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def build_sd2_pipeline_folder(path: str, size: str = "tiny", seed: int = 0, v_prediction: bool = False) -> str:
+    """Write a SD 2.x diffusers StableDiffusionPipeline folder; its scheduler config says
+    prediction_type "v_prediction" when `v_prediction` (a 768-v model). model_index.json last. Returns `path`."""
+    import diffusers
+    from diffusers import DDPMScheduler
+
+    from library.saving import atomic_write_text
+    from library.tokenizers import clip_tokenizer
+
+    os.makedirs(path, exist_ok=True)
+    for name, module in _iter_sd2_components(size, seed, empty=False):
+        module.save_pretrained(os.path.join(path, name), safe_serialization=True)
+        del module
+    clip_tokenizer(SD2_PAD_TOKEN).save_pretrained(os.path.join(path, "tokenizer"))
+    DDPMScheduler.from_config(sd2_scheduler_config(v_prediction)).save_pretrained(os.path.join(path, "scheduler"))
+    index = dict(_MODEL_INDEX, _diffusers_version=diffusers.__version__)
+    atomic_write_text(os.path.join(path, "model_index.json"), json.dumps(index, indent=2) + "\n")
     return path
-
-
-def _cast_to(dtype: torch.dtype | None):
-    """A tensor -> tensor function casting floating tensors to `dtype` (the identity for None)."""
-    if dtype is None:
-        return lambda t: t
-    return lambda t: t.to(dtype) if t.is_floating_point() else t
-
-
-def _plain_config(config: dict) -> dict:
-    """A config without bookkeeping entries (such as the local folder it was read from)."""
-    return {k: v for k, v in config.items() if k not in ("_name_or_path", "_use_default_values")}
