@@ -267,11 +267,11 @@ class LoRANetwork(torch.nn.Module):
         A None lr falls back to `default_lr`; a group whose lr ends up None or 0 is left out (frozen).
         """
         self.requires_grad_(True)
-        te_lr = default_lr if text_encoder_lr is None else text_encoder_lr
         unet_lr = default_lr if unet_lr is None else unet_lr
         te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
         unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
-        parts = [("textencoder", self.text_encoder_loras, te_lr, te_ratio)]
+        parts = [(label, loras, default_lr if lr is None else lr, te_ratio)
+                 for label, loras, lr in self._text_encoder_parts(text_encoder_lr)]
         if self.block_lr_weight is None:
             parts.append(("unet", self.unet_loras, unet_lr, unet_ratio))
         else:
@@ -291,6 +291,18 @@ class LoRANetwork(torch.nn.Module):
                     groups.append({"params": params, "lr": group_lr})
                     names.append(label + suffix)
         return groups, names
+
+    def _text_encoder_parts(self, text_encoder_lr) -> list[tuple[str, list, float | None]]:
+        """(label, layers, lr) of the text-encoder groups. One group, as kohya, unless SDXL's two encoders are
+        given two different rates (--text_encoder_lr A B), which kohya's SDXL LoRA would fold into the first:
+        then "textencoder1" (lora_te1_) and "textencoder2" (lora_te2_) get their own."""
+        rates = text_encoder_lr if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
+        if len(set(rates)) < 2:
+            return [("textencoder", self.text_encoder_loras, rates[0] if rates else None)]
+        def of_encoder(i: int) -> list:
+            return [lora for lora in self.text_encoder_loras if lora.lora_name.startswith(f"lora_te{i + 1}_")]
+
+        return [(f"textencoder{i + 1}", of_encoder(i), rate) for i, rate in enumerate(rates)]
 
     def enable_gradient_checkpointing(self) -> None:
         """Nothing to do: the LoRA layers are tiny and run inside the model's checkpointed blocks."""

@@ -205,6 +205,20 @@ def test_lora_with_both_text_encoders_trains(tiny_sdxl_dir, demo_data, tmp_path)
         assert any(sd[k].abs().sum() > 0 for k in sd if k.startswith(prefix) and k.endswith("lora_up.weight"))
 
 
+def test_two_text_encoder_rates_make_two_groups(fam):
+    from networks import lora
+
+    network = lora.create_network(1.0, 4, 2, fam.vae, fam.text_encoders, fam.unet)  # not applied: fam is shared
+    groups, names = network.prepare_optimizer_params([1e-4, 5e-5], None, 1e-3)
+    assert names == ["textencoder1", "textencoder2", "unet"]
+    assert [g["lr"] for g in groups] == [1e-4, 5e-5, 1e-3]
+    for group, prefix in zip(groups, ("lora_te1_", "lora_te2_")):
+        want = {id(p) for lo in network.text_encoder_loras if lo.lora_name.startswith(prefix) for p in lo.parameters()}
+        assert want and {id(p) for p in group["params"]} == want
+    _, names = network.prepare_optimizer_params([1e-4, 1e-4], None, 1e-3)
+    assert names == ["textencoder", "unet"]  # one rate: kohya's single group
+
+
 def _record_calls(monkeypatch) -> list[tuple]:
     """Wrap SDXLFamily.encode_conditioning / predict: ("encode",) and ("predict", what the UNet was given)."""
     calls = []
