@@ -247,7 +247,8 @@ def _stored_sd2_models():
 
 def test_stored_configs_are_the_768v_architecture():
     from library.models.single_file import read_stock_config
-    from library.models.sd2 import CONFIG_DIR, folder_prediction_type
+    from library.models.files import folder_prediction_type
+    from library.models.sd2 import CONFIG_DIR
     from library.models.synthetic import sd2_configs
 
     for name, built in sd2_configs("sd2").items():

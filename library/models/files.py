@@ -216,3 +216,16 @@ def check_family_flags(path: str, family: str, v2: bool = False, sdxl: bool = Fa
         given = "--sdxl" if sdxl else "--v2"
         raise UserError(f"{flag} {path} is {_FAMILY_LABELS[family]} model, but {given} was given; "
                         f"drop {given} (sdtune detects the model family itself)")
+
+
+def folder_prediction_type(path: str) -> str | None:
+    """The prediction_type a diffusers folder's scheduler config states, or None (a single file, or a
+    folder without a readable scheduler config)."""
+    config = os.path.join(path, "scheduler", "scheduler_config.json")
+    if not os.path.isdir(path) or not os.path.isfile(config):
+        return None
+    try:
+        with open(config, encoding="utf-8") as f:
+            return json.load(f).get("prediction_type")
+    except (OSError, json.JSONDecodeError):
+        return None  # the scheduler config is not needed for training: decide as for a single file

@@ -53,6 +53,29 @@ def chunk_input_ids(ids: torch.Tensor, eos: int, pad: int, max_token_length: int
     return torch.cat(chunks, dim=1)
 
 
+def tokenize_captions(tok, captions: list[str], max_token_length: int | None,
+                      weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, 77) ids, or (B, 77 * k) in chunks for --max_token_length; with `weighted`, A1111 attention
+    syntax is parsed and (B, 77 or max_token_length + 2) weights of the merged states' positions are
+    returned too (BOS, EOS and padding weigh 1), else None."""
+    length = max_token_length or CHUNK
+    weights = None
+    if weighted:
+        rows, weight_rows = [], []
+        for caption in captions:
+            ids, token_weights = weighted_token_ids(tok, caption, length)
+            padding = length - len(ids)
+            rows.append([tok.bos_token_id, *ids, tok.eos_token_id] + [tok.pad_token_id] * padding)
+            weight_rows.append([1.0, *token_weights, 1.0] + [1.0] * padding)
+        flat, weights = torch.tensor(rows, dtype=torch.long), torch.tensor(weight_rows)
+    else:
+        flat = tok(list(captions), padding="max_length", truncation=True, max_length=length + 2,
+                   return_tensors="pt").input_ids
+    if max_token_length is not None:
+        flat = chunk_input_ids(flat, tok.eos_token_id, tok.pad_token_id, length)
+    return flat, weights
+
+
 def merge_chunk_states(states: torch.Tensor, max_token_length: int) -> torch.Tensor:
     """(B, 77 * k, D) per-chunk states -> (B, max_token_length + 2, D): first BOS, 75 per chunk, last EOS."""
     parts = [states[:, :1]]
@@ -172,13 +195,7 @@ class SD1Family:
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """(B, 77) ids, or (B, 77 * k) for --max_token_length 150 / 225 (k chunks, see module doc)."""
-        tok = self.tokenizers[0]
-        length = self.max_token_length or CHUNK
-        ids = tok(list(captions), padding="max_length", truncation=True, max_length=length + 2,
-                  return_tensors="pt").input_ids
-        if self.max_token_length is None:
-            return ids
-        return chunk_input_ids(ids, tok.eos_token_id, tok.pad_token_id, length)
+        return tokenize_captions(self.tokenizers[0], captions, self.max_token_length)[0]
 
     def count_tokens(self, caption: str) -> int:
         """Tokens of a caption without BOS / EOS (what counts against --max_token_length)."""
@@ -189,18 +206,7 @@ class SD1Family:
     def tokenize_weighted(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """`tokenize` for --weighted_captions: the same ids layout, and (B, 77 or max_token_length + 2)
         weights for the positions of the merged encoder states (BOS, EOS and padding weigh 1)."""
-        tok = self.tokenizers[0]
-        length = self.max_token_length or CHUNK
-        rows, weight_rows = [], []
-        for caption in captions:
-            ids, weights = weighted_token_ids(tok, caption, length)
-            padding = length - len(ids)
-            rows.append([tok.bos_token_id, *ids, tok.eos_token_id] + [tok.pad_token_id] * padding)
-            weight_rows.append([1.0, *weights, 1.0] + [1.0] * padding)
-        flat = torch.tensor(rows, dtype=torch.long)
-        if self.max_token_length is not None:
-            flat = chunk_input_ids(flat, tok.eos_token_id, tok.pad_token_id, length)
-        return flat, torch.tensor(weight_rows)
+        return tokenize_captions(self.tokenizers[0], captions, self.max_token_length, weighted=True)
 
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
         """Captions -> conditioning: tokenize and encode, with --weighted_captions when it is on."""

@@ -12,29 +12,16 @@ What differs from SD 1.x (library/models/sd1.py), and nothing else does:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
+from library.models.files import folder_prediction_type
 from library.models.sd1 import SD1Family
 
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs", "sd2")
 V_PREDICTION = "v_prediction"
-
-
-def folder_prediction_type(path: str) -> str | None:
-    """The prediction_type a diffusers folder's scheduler config states, or None (a single file, or a
-    folder without a readable scheduler config)."""
-    config = os.path.join(path, "scheduler", "scheduler_config.json")
-    if not os.path.isdir(path) or not os.path.isfile(config):
-        return None
-    try:
-        with open(config, encoding="utf-8") as f:
-            return json.load(f).get("prediction_type")
-    except (OSError, json.JSONDecodeError):
-        return None  # the scheduler config is not needed for training: decide as for a single file
 
 
 def resolve_v_prediction(flag: bool, stated: str | None, path: str) -> bool:

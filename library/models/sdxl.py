@@ -12,7 +12,6 @@ Conditioning follows kohya sd-scripts (and diffusers' SDXL pipeline) so trained 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -20,11 +19,12 @@ import torch
 
 from library.errors import UserError
 from library.models import files
+from library.models.files import folder_prediction_type
 from library.models.sd1 import (
-    CHUNK, MAX_TOKEN_LENGTHS, SD1Family, _no_transformers_progress_bar, chunk_input_ids, kohya_noise_scheduler,
-    merge_chunk_states,
+    CHUNK, MAX_TOKEN_LENGTHS, SD1Family, _no_transformers_progress_bar, kohya_noise_scheduler, merge_chunk_states,
+    tokenize_captions,
 )
-from library.prompt_weights import apply_token_weights, weighted_token_ids
+from library.prompt_weights import apply_token_weights
 
 logger = logging.getLogger(__name__)
 
@@ -136,22 +136,7 @@ class SDXLFamily(SD1Family):
         return [ids for ids, _ in pairs], pairs[0][1]
 
     def _tokenize_with(self, tok, captions: list[str], weighted: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        length = self.max_token_length or CHUNK
-        if weighted:
-            rows, weight_rows = [], []
-            for caption in captions:
-                ids, weights = weighted_token_ids(tok, caption, length)
-                padding = length - len(ids)
-                rows.append([tok.bos_token_id, *ids, tok.eos_token_id] + [tok.pad_token_id] * padding)
-                weight_rows.append([1.0, *weights, 1.0] + [1.0] * padding)
-            flat, weights = torch.tensor(rows, dtype=torch.long), torch.tensor(weight_rows)
-        else:
-            flat = tok(list(captions), padding="max_length", truncation=True, max_length=length + 2,
-                       return_tensors="pt").input_ids
-            weights = None
-        if self.max_token_length is not None:
-            flat = chunk_input_ids(flat, tok.eos_token_id, tok.pad_token_id, length)
-        return flat, weights
+        return tokenize_captions(tok, captions, self.max_token_length, weighted)
 
     def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
         return self.encode_conditioning(captions)
@@ -236,18 +221,6 @@ def default_size_cond(latents: torch.Tensor) -> torch.Tensor:
     height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
     row = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
     return row.expand(latents.shape[0], SIZE_COND_WIDTH).clone()
-
-
-def folder_prediction_type(path: str) -> str | None:
-    """A diffusers folder's scheduler prediction_type ("epsilon", "v_prediction"), or None."""
-    config = os.path.join(path, "scheduler", "scheduler_config.json")
-    if not os.path.isfile(config):
-        return None
-    try:
-        with open(config, encoding="utf-8") as f:
-            return json.load(f).get("prediction_type")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{config}: cannot read ({exc})") from None
 
 
 def _default_tokenizer(index: int):

@@ -92,16 +92,13 @@ def sd1_configs(size: str = "tiny") -> dict:
     return {name: dict(cfg) for name, cfg in SIZES[size].items()}
 
 
-def _iter_sd1_components(size: str, seed: int, empty: bool) -> Iterator[tuple[str, torch.nn.Module]]:
+def _iter_components(cfg: dict, seed: int, empty: bool) -> Iterator[tuple[str, torch.nn.Module]]:
     """unet, vae, text_encoder built one after another from one seeded RNG stream (lazily, so a caller
     can save and drop each before the next exists)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if size not in SIZES:
-        raise ValueError(f"unknown synthetic model size {size!r}; one of {sorted(SIZES)}")
-    cfg = sd1_configs(size)
     torch.manual_seed(seed)
     builders = [
         ("unet", lambda: UNet2DConditionModel(**cfg["unet"])),
@@ -111,6 +108,12 @@ def _iter_sd1_components(size: str, seed: int, empty: bool) -> Iterator[tuple[st
     for name, build in builders:
         with init_empty_weights() if empty else contextlib.nullcontext():
             yield name, build()
+
+
+def _iter_sd1_components(size: str, seed: int, empty: bool) -> Iterator[tuple[str, torch.nn.Module]]:
+    if size not in SIZES:
+        raise ValueError(f"unknown synthetic model size {size!r}; one of {sorted(SIZES)}")
+    return _iter_components(sd1_configs(size), seed, empty)
 
 
 def build_sd1_components(size: str = "tiny", seed: int = 0, empty: bool = False) -> dict:
@@ -204,21 +207,7 @@ def sd2_configs(size: str = "tiny") -> dict:
 
 
 def _iter_sd2_components(size: str, seed: int, empty: bool) -> Iterator[tuple[str, torch.nn.Module]]:
-    """unet, vae, text_encoder of SD 2.x, built lazily from one seeded RNG stream (as the SD1 builder)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = sd2_configs(size)
-    torch.manual_seed(seed)
-    builders = [
-        ("unet", lambda: UNet2DConditionModel(**cfg["unet"])),
-        ("vae", lambda: AutoencoderKL(**cfg["vae"])),
-        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))),
-    ]
-    for name, build in builders:
-        with init_empty_weights() if empty else contextlib.nullcontext():
-            yield name, build()
+    return _iter_components(sd2_configs(size), seed, empty)
 
 
 def build_sd2_components(size: str = "tiny", seed: int = 0, empty: bool = False) -> dict:
