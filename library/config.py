@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from library.errors import UserError, not_supported
 from library.saving import atomic_write_text
-from library.options import IGNORED_KEYS, Option, int_or_float, options_for
+from library.options import IGNORED_KEYS, Option, defaults_of_other_scripts, int_or_float, options_for
 
 logger = logging.getLogger(__name__)
 
@@ -281,8 +281,11 @@ def _is_default(value: Any, default: Any) -> bool:
 
 
 def default_config(script: str = "train_network") -> argparse.Namespace:
-    """Every option of `script` at its default."""
-    return argparse.Namespace(**{name: copy.copy(opt.default) for name, opt in options_for(script).items()})
+    """Every option at its default: those of `script`, and those of other scripts too, which shared code
+    (the loop, precision, metadata) then reads as left at their defaults."""
+    values = defaults_of_other_scripts(script)
+    values.update({name: opt.default for name, opt in options_for(script).items()})
+    return argparse.Namespace(**{name: copy.copy(value) for name, value in values.items()})
 
 
 def _is_off(value: Any) -> bool:

@@ -86,6 +86,7 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "network": MethodSpec("lora", "LoRA", True, False),
     "textual_inversion": MethodSpec("textual-inversion", "TextualInversion", False, True),
+    "embedding": MethodSpec("textual-inversion", "TextualInversion", False, True),  # library.methods' name
     "fine_tune": MethodSpec(None, "Checkpoint", False, True),
 }
 

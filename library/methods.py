@@ -139,6 +139,9 @@ class NetworkMethod:
             self.network.set_multiplier(multiplier)
             self._multiplier = multiplier
 
+    def after_optimizer_step(self) -> None:
+        """Nothing to do after a step: the plug-in's own weights are all it trains."""
+
     def save(self, path: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
         self.network.save_weights(path, dtype, metadata)
 
@@ -172,4 +175,126 @@ def merge_base_weights(plugin: PluginModule, cfg, family, text_encoder) -> None:
         logger.info("merged %s into the base model with multiplier %s", path, multiplier)
 
 
-METHODS = {"network": NetworkMethod}
+class EmbeddingMethod:
+    """Textual inversion (train_textual_inversion.py): --token_string and its extra vectors become new tokens
+    of every tokenizer; only their vectors train (library/embeddings.py holds the how and why).
+
+    Captions and sample prompts reach the text encoders through the family's encode_conditioning /
+    prompt_embeds / count_tokens, which this method wraps on the family object so the token string
+    expands to all N tokens (and --use_*_template captions replace the dataset's)."""
+
+    name = "embedding"
+    train_unet = False
+    train_text_encoder = True  # the text encoders run with gradients: the vectors sit at their input
+
+    def __init__(self, cfg, family):
+        from library import embeddings
+
+        embeddings.check_options(cfg)
+        self.cfg, self.family = cfg, family
+        if not cfg.output_name:
+            cfg.output_name = cfg.token_string  # kohya names the files after the token
+        encoders, tokenizers = family.text_encoders, family.tokenizers
+        labels = [f"tokenizer {i + 1}" if len(tokenizers) > 1 else "the tokenizer" for i in range(len(tokenizers))]
+        loaded = self._load_weights([te.get_input_embeddings().embedding_dim for te in encoders])
+        count = cfg.num_vectors_per_token = self._vector_count(loaded)
+        strings = embeddings.token_strings(cfg.token_string, count)
+        for tokenizer, label in zip(tokenizers, labels):  # every check before any tokenizer changes
+            embeddings.check_new_tokens(tokenizer, strings, label)
+        init_ids = [embeddings.init_token_ids(tok, cfg.init_word, count, label) if cfg.init_word else None
+                    for tok, label in zip(tokenizers, labels)]
+        keys = embeddings.file_keys(len(encoders))
+        start, self._rows = {}, []
+        for i, (key, tokenizer, encoder) in enumerate(zip(keys, tokenizers, encoders)):
+            tokenizer.add_tokens(strings)
+            ids = tokenizer.convert_tokens_to_ids(strings)
+            if len(set(ids)) != count or tokenizer.unk_token_id in ids:
+                raise UserError(f"--token_string {cfg.token_string}: {labels[i]} could not add {strings}")
+            embedding = embeddings.resize_for(encoder, ids)
+            with torch.no_grad():
+                if loaded is not None:
+                    start[key] = loaded[i]
+                elif init_ids[i] is not None:
+                    start[key] = embedding.weight[init_ids[i]].float()
+                else:  # kohya keeps what resizing gave the new rows
+                    start[key] = embedding.weight[ids].float()
+            self._rows.append((embedding, ids, key))
+            logger.info("%s: tokens %s added as ids %s", labels[i], strings, ids)
+        self.vectors = embeddings.TrainedVectors(start)
+        for embedding, ids, key in self._rows:
+            embeddings.route_new_ids(embedding, ids, self.vectors, key)
+        self.after_optimizer_step()
+        self.token_ids = [ids for _, ids, _ in self._rows]
+        templates = (embeddings.OBJECT_TEMPLATES if cfg.use_object_template
+                     else embeddings.STYLE_TEMPLATES if cfg.use_style_template else None)
+        self.captions = embeddings.CaptionRewriter(cfg.token_string, strings, templates, cfg.seed or 0)
+        self._wrap_family_text()
+
+    def _load_weights(self, dims: list[int]) -> list[torch.Tensor] | None:
+        from library import embeddings
+
+        path = self.cfg.weights
+        if not path:
+            return None
+        vectors = embeddings.vectors_for_encoders(embeddings.read_embedding_file(path), dims, path)
+        logger.info("starting from the %d vector(s) of %s", vectors[0].shape[0], path)
+        return vectors
+
+    def _vector_count(self, loaded: list[torch.Tensor] | None) -> int:
+        """--num_vectors_per_token, or the vector count of --weights (which it must match when both are given)."""
+        given = self.cfg.num_vectors_per_token
+        if loaded is None:
+            return given or 1
+        found = loaded[0].shape[0]
+        if given is not None and given != found:
+            raise UserError(f"--weights {self.cfg.weights} holds {found} vector(s) per token but "
+                            f"--num_vectors_per_token is {given}: leave it out to take the file's count")
+        return found
+
+    def _wrap_family_text(self) -> None:
+        fam, captions = self.family, self.captions
+        encode, prompt_embeds, count_tokens = fam.encode_conditioning, fam.prompt_embeds, fam.count_tokens
+        fam.encode_conditioning = lambda texts: encode([captions.caption(t) for t in texts])
+        fam.prompt_embeds = lambda prompt, negative: prompt_embeds(captions.expand(prompt), captions.expand(negative))
+        fam.count_tokens = lambda text: count_tokens(captions.expand(text))
+
+    def param_groups(self) -> tuple[list, list[str]]:
+        return [{"params": list(self.vectors.parameters()), "lr": self.cfg.learning_rate}], ["embedding"]
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.vectors
+
+    def on_epoch_start(self) -> None:
+        pass
+
+    def on_step_start(self) -> None:
+        pass
+
+    def prepare_grad(self) -> None:
+        pass
+
+    def enable_gradient_checkpointing(self) -> None:
+        pass  # the trainer checkpoints the UNet and text encoders; the vectors are a lookup
+
+    def set_multiplier(self, multiplier: float) -> None:
+        pass  # an embedding has no strength of its own
+
+    def after_optimizer_step(self) -> None:
+        """Copy the trained vectors into the text encoders' rows for the new ids (every other row is never
+        touched: the vectors are separate parameters, see library/embeddings.py)."""
+        from library.embeddings import sync_rows
+
+        for embedding, ids, key in self._rows:
+            sync_rows(embedding, ids, getattr(self.vectors, key))
+
+    def save(self, path: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
+        """The embedding file (A1111 / ComfyUI layout) with `metadata` and its model hashes."""
+        from library.saving import add_model_hashes, save_safetensors
+
+        tensors = {key: value.detach().to("cpu", dtype or torch.float32)
+                   for key, value in self.vectors.state_dict().items()}
+        save_safetensors(tensors, path, add_model_hashes(tensors, metadata) if metadata is not None else None)
+
+
+METHODS = {"network": NetworkMethod, "embedding": EmbeddingMethod}

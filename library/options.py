@@ -8,8 +8,8 @@ existing command lines and TOML files keep their meaning. The help texts are our
   True   -> honoured (or harmless: see the "inert" notes, options only read when a refused option is on);
   False  -> refused with "not supported yet: --name";
   tuple  -> only these values are honoured (strings compared case-insensitively).
-`scripts` names the entry scripts that take the option; only train_network is filled in so far, and the
-rows shared with kohya's train_textual_inversion.py / fine_tune.py grow that tuple when those land.
+`scripts` names the entry scripts that take the option: train_network and train_textual_inversion so far; the
+rows shared with kohya's fine_tune.py grow that tuple when it lands.
 """
 
 from __future__ import annotations
@@ -395,12 +395,53 @@ SDTUNE = _group("sdtune", [
            choices=("ema", "raw", "both"), supported=S, kohya=False),
 ])
 
+# kohya's train_textual_inversion.py setup_parser: the shared add_*_arguments functions, except caption
+# dropout (add_dataset_arguments(..., support_caption_dropout=False)) and --weighted_captions
+# (add_custom_train_arguments(parser, False)); two of train_network's own rows; then its own rows below.
+TEXTUAL_INVERSION = "train_textual_inversion"
+TI_LEAVES_OUT = frozenset({"caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
+                           "weighted_captions"})
+TI_TAKES = frozenset({"save_model_as", "no_half_vae", "unsafe_load_ckpt", "skip_bad_images",
+                      "masked_loss_unmasked_weight", "masked_loss_unmasked_probability", "masked_loss_normalize"})
+
+EMBEDDING = _group("train_textual_inversion", [
+    _opt("token_string", str, None, "the new word to train (required; must not be a word the tokenizer knows); "
+         "N vectors become the tokens TOKEN, TOKEN1 ... TOKEN{N-1}, and TOKEN in captions and sample prompts "
+         "stands for all of them", supported=S, scripts=(TEXTUAL_INVERSION,)),
+    _opt("init_word", str, None, "word(s) whose token vectors start the new ones, cycled to fill "
+         "--num_vectors_per_token (default: random vectors)", supported=S, scripts=(TEXTUAL_INVERSION,)),
+    _opt("num_vectors_per_token", int, None, "vectors per token (default: 1, or the count of --weights)",
+         supported=S, scripts=(TEXTUAL_INVERSION,)),
+    _opt("weights", str, None, "continue from this embedding file (A1111 / ComfyUI / kohya .safetensors or .pt; "
+         "SDXL: clip_l and clip_g)", supported=S, scripts=(TEXTUAL_INVERSION,)),
+    _flag("use_object_template", "train with kohya's object templates (\"a photo of a TOKEN\", ...) instead of "
+          "the captions", supported=S, scripts=(TEXTUAL_INVERSION,)),
+    _flag("use_style_template", "train with kohya's style templates (\"a painting in the style of TOKEN\", ...) "
+          "instead of the captions", supported=S, scripts=(TEXTUAL_INVERSION,)),
+])
+
+
+def _with_textual_inversion(rows: list[Option], shared: bool) -> list[Option]:
+    """Add train_textual_inversion to the rows it takes: every row of a shared group (`shared`) but those it
+    leaves out, and the named rows of other groups."""
+    return [dataclasses.replace(row, scripts=row.scripts + (TEXTUAL_INVERSION,))
+            if (row.name in TI_TAKES or (shared and row.name not in TI_LEAVES_OUT)) else row for row in rows]
+
+
 OPTIONS: tuple[Option, ...] = tuple(
-    LOGGING + SD_MODELS + MODEL_SPEC + DATASET + TRAINING + MASKED_LOSS + DEEPSPEED + OPTIMIZER + CONFIG
-    + CUSTOM_TRAIN + NETWORK + SDXL_TRAINING + SDTUNE
+    _with_textual_inversion(LOGGING + SD_MODELS + MODEL_SPEC + DATASET + TRAINING + MASKED_LOSS + DEEPSPEED
+                            + OPTIMIZER + CONFIG + CUSTOM_TRAIN, shared=True)
+    + _with_textual_inversion(NETWORK + SDXL_TRAINING, shared=False) + EMBEDDING
+    + _with_textual_inversion(SDTUNE, shared=False)
 )
 
-SCRIPTS = ("train_network",)
+SCRIPTS = ("train_network", TEXTUAL_INVERSION)
+
+
+def defaults_of_other_scripts(script: str) -> dict[str, Any]:
+    """Every option `script` does not take, at its default: shared code (the loop, precision, metadata)
+    reads options by name, and a script without an option runs as if it were left at its default."""
+    return {opt.name: opt.default for opt in OPTIONS if script not in opt.scripts}
 
 
 def options_for(script: str) -> dict[str, Option]:

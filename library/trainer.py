@@ -31,7 +31,7 @@ def run(argv, script: str, method: str) -> int:
     (--debug_dataset: no model is loaded, nothing is written) or train."""
     cfg = parse_args(argv, script)
     if cfg.output_config:
-        write_output_config(cfg, cfg.output_config)
+        write_output_config(cfg, cfg.output_config, script)
         logger.info("wrote %s", cfg.output_config)
         return 0
     if cfg.debug_dataset:
@@ -239,6 +239,7 @@ class Run:
             num_epochs=self.num_epochs, max_train_steps=self.max_steps,
             optimizer_name=_optimizer_label(self.optimizer, cfg), session_id=random.randint(0, 2**32),
             training_started_at=time.time(), model_path=self.family.model_path, vae_path=self.family.vae_path,
+            method=self.method.name,
         )
         logger.info("%d images x repeats, %d batches/epoch, %d epochs, %d steps",
                     self.dataset.info["num_train_images"], len(self.dataset), self.num_epochs, self.max_steps)
@@ -327,6 +328,7 @@ class Run:
 
     def _after_optimizer_step(self) -> None:
         """After each real optimizer step (not each accumulation micro-batch), before logging."""
+        self.method.after_optimizer_step()
         self._scale_weight_norms()
         self._update_ema()
 

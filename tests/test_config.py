@@ -46,10 +46,21 @@ def test_kohya_train_network_flag_count_is_195():
     assert len({o.name for o in OPTIONS}) == len(OPTIONS)
 
 
+def test_kohya_train_textual_inversion_flag_count_is_169():
+    # kohya's setup_parser: the shared groups without caption dropout (3) and --weighted_captions, plus
+    # --save_model_as, --no_half_vae and its six own options; sdtune adds its five dataset / masking rows
+    kohya = [o for o in OPTIONS if o.kohya and "train_textual_inversion" in o.scripts]
+    assert len(kohya) == 169
+    assert [o.name for o in OPTIONS if not o.kohya and "train_textual_inversion" in o.scripts] == [
+        "unsafe_load_ckpt", "skip_bad_images", "masked_loss_unmasked_weight", "masked_loss_unmasked_probability",
+        "masked_loss_normalize"]
+    assert options_for("train_textual_inversion")["save_model_as"].default == "safetensors"
+
+
 @pytest.mark.parametrize("group, count", [
     ("logging", 3), ("sd_models", 4), ("model_spec", 11), ("dataset", 38), ("training", 76), ("masked_loss", 2),
     ("deepspeed", 9), ("optimizer", 16), ("config", 1), ("custom_train", 5), ("train_network", 28),
-    ("sdxl_training", 2),
+    ("sdxl_training", 2), ("train_textual_inversion", 6),
 ])
 def test_flags_per_kohya_function(group, count):
     assert sum(1 for o in OPTIONS if o.group == group) == count
@@ -85,7 +96,8 @@ def test_every_default_survives_its_own_conversion(opt):
 
 def test_default_config_holds_every_option():
     cfg = default_config()
-    assert len(vars(cfg)) == 195 + len(SDTUNE_OPTIONS)
+    assert len(options_for("train_network")) == 195 + len(SDTUNE_OPTIONS)
+    assert len(vars(cfg)) == len(OPTIONS)  # other scripts' options too, at their defaults
     assert (cfg.train_batch_size, cfg.caption_extension, cfg.min_bucket_reso, cfg.max_bucket_reso) == (1, ".caption", 256, 1024)
     assert (cfg.bucket_reso_steps, cfg.cache_latents, cfg.network_args, cfg.unsafe_load_ckpt) == (64, False, None, False)
     assert vars(parse_args([])) == vars(cfg)
