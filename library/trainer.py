@@ -11,7 +11,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from library import caching, fused_backward, losses, optim, precision, sampling, state
+from library import caching, fused_backward, inpainting, losses, optim, precision, sampling, state
 from library.config import parse_args, write_output_config
 from library.dataset import BatchLoader, build_dataset
 from library.dataset.report import build_report, schedule_length
@@ -76,6 +76,7 @@ class Run:
         if cfg.cache_text_encoder_outputs:
             caching.check_text_cache_options(cfg, self.dataset)  # fixed captions, frozen text encoders
         self.family = load_model(cfg)
+        inpainting.check_options(cfg, self.family)  # a 9-channel U-Net needs its images at every step
         self.loss_settings.check_prediction(self.family.v_prediction, cfg.zero_terminal_snr)  # a folder may set v
         if cfg.zero_terminal_snr:  # before anything reads the schedule: SNR weights use the rescaled one
             self.family.noise_scheduler = losses.zero_terminal_snr_scheduler(self.family.noise_scheduler)
@@ -199,6 +200,7 @@ class Run:
             with torch.no_grad():
                 latents = fam.encode_images(batch["images"])  # moved to the VAE's device and dtype
         latents = latents.to(acc.device, dtype=torch.float32)
+        inpainting.add_conditioning(batch, latents, fam, self.cfg, getattr(self, "global_step", 0))  # 9-ch U-Nets
         cond = batch.get("text_outputs")  # --cache_text_encoder_outputs
         if cond is None:
             with torch.set_grad_enabled(self.method.train_text_encoder), acc.autocast():

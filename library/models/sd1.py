@@ -252,6 +252,12 @@ class SD1Family:
         """The UNet's output: noise (or v with --v_parameterization). `cond` is encode_conditioning's dict
         (or the hidden states themselves); SD 1.x / 2.x need nothing of the batch."""
         states = cond["hidden_state"] if isinstance(cond, dict) else cond
+        if self.unet.config.in_channels == 9:  # inpainting: noisy | mask | masked-image latents
+            extra = (batch or {}).get("inpaint_cond")
+            if extra is None:
+                raise UserError("this inpainting model (9 input channels) needs the batch's inpaint_cond "
+                                "(library/inpainting.py add_conditioning)")
+            noisy_latents = torch.cat([noisy_latents, extra.to(noisy_latents.device, noisy_latents.dtype)], dim=1)
         return self.unet(noisy_latents, timesteps, states.to(noisy_latents.device)).sample
 
     # --- sample images (library/sampling.py) -----------------------------------------------------
@@ -259,6 +265,10 @@ class SD1Family:
     def pipeline(self, scheduler):
         """A diffusers pipeline over this family's live modules (no copies of weights), so sample images
         show the network patched into them."""
+        from library import inpainting
+
+        if inpainting.is_inpainting(self):  # a 9-channel U-Net paints a blank, fully masked image
+            return inpainting.sample_pipeline(self, scheduler)
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(
