@@ -1,16 +1,19 @@
-"""kohya's `fine_tune.py`: not built yet (a later issue); it answers so instead of failing obscurely."""
+"""Fine-tune the whole model (U-Net, and the text encoders with --train_text_encoder) with kohya
+sd-scripts' fine_tune.py / sdxl_train.py options; saves a checkpoint (library/full_model.py).
+
+    accelerate launch fine_tune.py --config_file my_finetune.toml
+    python fine_tune.py --pretrained_model_name_or_path model.safetensors --in_json meta.json \
+        --train_data_dir images --output_dir out --learning_rate 1e-6 ...
+"""
 
 import sys
 
-from library.errors import UserError, run_cli
-
-
-def _not_yet(argv):
-    raise UserError("fine_tune.py is not implemented yet: sdtune trains networks with train_network.py for now")
+from library.errors import run_cli
+from library.trainer import run
 
 
 def main(argv=None) -> int:
-    return run_cli(_not_yet, argv)
+    return run_cli(lambda args: run(args, "fine_tune", "full"), argv)
 
 
 if __name__ == "__main__":

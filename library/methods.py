@@ -14,6 +14,7 @@ import torch
 
 from library.config import text_encoder_lr
 from library.errors import UserError, not_supported
+from library.full_model import FullModelMethod
 from networks import detect
 from networks.base import PluginModule, PluginNetwork, load_plugin, parse_network_args
 
@@ -27,6 +28,11 @@ class NetworkMethod:
     hooks' defaults; `module` is the plug-in's torch module (what the optimizer and saving see)."""
 
     name = "network"
+
+    @staticmethod
+    def trained_models(cfg, family) -> list:
+        """Whole models this method trains: none (it adds its own weights)."""
+        return []
 
     def __init__(self, cfg, family):
         self.cfg = cfg
@@ -187,6 +193,11 @@ class EmbeddingMethod:
     train_unet = False
     train_text_encoder = True  # the text encoders run with gradients: the vectors sit at their input
 
+    @staticmethod
+    def trained_models(cfg, family) -> list:
+        """Whole models this method trains: none (it adds its own weights)."""
+        return []
+
     def __init__(self, cfg, family):
         from library import embeddings
 
@@ -297,4 +308,4 @@ class EmbeddingMethod:
         save_safetensors(tensors, path, add_model_hashes(tensors, metadata) if metadata is not None else None)
 
 
-METHODS = {"network": NetworkMethod, "embedding": EmbeddingMethod}
+METHODS = {"network": NetworkMethod, "embedding": EmbeddingMethod, "full": FullModelMethod}

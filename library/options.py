@@ -8,8 +8,8 @@ existing command lines and TOML files keep their meaning. The help texts are our
   True   -> honoured (or harmless: see the "inert" notes, options only read when a refused option is on);
   False  -> refused with "not supported yet: --name";
   tuple  -> only these values are honoured (strings compared case-insensitively).
-`scripts` names the entry scripts that take the option: train_network and train_textual_inversion so far; the
-rows shared with kohya's fine_tune.py grow that tuple when it lands.
+`scripts` names the entry scripts that take the option: train_network, train_textual_inversion and fine_tune
+(kohya's sdxl_* scripts are aliases of these).
 """
 
 from __future__ import annotations
@@ -428,14 +428,59 @@ def _with_textual_inversion(rows: list[Option], shared: bool) -> list[Option]:
             if (row.name in TI_TAKES or (shared and row.name not in TI_LEAVES_OUT)) else row for row in rows]
 
 
+# kohya's fine_tune.py (and sdxl_train.py, which sdtune's fine_tune.py also stands for) calls the shared
+# add_*_arguments with add_dataset_arguments(parser, False, True, True) and add_training_arguments(parser, False):
+# no DreamBooth rows; add_sd_saving_arguments (--save_model_as with the checkpoint formats, --use_safetensors);
+# then its own rows. sdxl_train.py adds --learning_rate_te1 / --learning_rate_te2 and --block_lr.
+# library/full_model.py does what they say.
+FINE_TUNE = "fine_tune"
+
+# rows of the shared groups kohya's fine_tune.py does not have (its dataset and training arguments are
+# added without DreamBooth support)
+FT_LEAVES_OUT = frozenset({"reg_data_dir", "prior_loss_weight"})
+# rows of train_network's own groups (and sdtune's) that fine_tune takes too
+FT_TAKES = frozenset({
+    "no_half_vae", "unsafe_load_ckpt", "skip_bad_images",
+    "masked_loss_unmasked_weight", "masked_loss_unmasked_probability", "masked_loss_normalize",
+    "ema", "ema_decay", "ema_update_interval", "ema_device", "ema_save", "ema_sample",
+    "text_encoder_train_epochs",
+})
+
+FINE_TUNE_ROWS = _group(FINE_TUNE, [
+    _opt("save_model_as", str, None, "checkpoint format: safetensors (one file, A1111 / ComfyUI layout), ckpt, "
+         "diffusers or diffusers_safetensors (a folder); unset: a single file for a single-file model, else a "
+         "diffusers folder", choices=(None, "ckpt", "safetensors", "diffusers", "diffusers_safetensors"),
+         supported=S, scripts=(FINE_TUNE,)),
+    _flag("use_safetensors", "ckpt and diffusers formats save safetensors weights instead", supported=S,
+          scripts=(FINE_TUNE,)),
+    _flag("diffusers_xformers", "xformers attention through diffusers (sdtune: the same as --xformers)",
+          supported=S, scripts=(FINE_TUNE,)),
+    _flag("train_text_encoder", "train the text encoder(s) too", supported=S, scripts=(FINE_TUNE,)),
+    _opt("learning_rate_te", float, None, "learning rate of the text encoder (default: --learning_rate; "
+         "SDXL: the default of both encoders)", supported=S, scripts=(FINE_TUNE,)),
+    _opt("learning_rate_te1", float, None, "SDXL: learning rate of text encoder 1 (CLIP-L; 0: frozen)",
+         supported=S, scripts=(FINE_TUNE,)),
+    _opt("learning_rate_te2", float, None, "SDXL: learning rate of text encoder 2 (bigG; 0: frozen)",
+         supported=S, scripts=(FINE_TUNE,)),
+    _opt("block_lr", str, None, "SDXL: 23 comma-separated learning rates, one per U-Net block (time/label "
+         "embedding, 9 input, 3 middle, 9 output, out; 0: frozen)", supported=S, scripts=(FINE_TUNE,)),
+])
+
+
+def _with_fine_tune(rows: list[Option], shared: bool) -> list[Option]:
+    """Add fine_tune to the rows it takes, as _with_textual_inversion does for its script."""
+    return [dataclasses.replace(row, scripts=row.scripts + (FINE_TUNE,))
+            if (row.name in FT_TAKES or (shared and row.name not in FT_LEAVES_OUT)) else row for row in rows]
+
+
 OPTIONS: tuple[Option, ...] = tuple(
-    _with_textual_inversion(LOGGING + SD_MODELS + MODEL_SPEC + DATASET + TRAINING + MASKED_LOSS + DEEPSPEED
-                            + OPTIMIZER + CONFIG + CUSTOM_TRAIN, shared=True)
-    + _with_textual_inversion(NETWORK + SDXL_TRAINING, shared=False) + EMBEDDING
-    + _with_textual_inversion(SDTUNE, shared=False)
+    _with_fine_tune(_with_textual_inversion(LOGGING + SD_MODELS + MODEL_SPEC + DATASET + TRAINING + MASKED_LOSS
+                                            + DEEPSPEED + OPTIMIZER + CONFIG + CUSTOM_TRAIN, shared=True), shared=True)
+    + _with_fine_tune(_with_textual_inversion(NETWORK + SDXL_TRAINING, shared=False), shared=False) + EMBEDDING
+    + _with_fine_tune(_with_textual_inversion(SDTUNE, shared=False), shared=False) + FINE_TUNE_ROWS
 )
 
-SCRIPTS = ("train_network", TEXTUAL_INVERSION)
+SCRIPTS = ("train_network", TEXTUAL_INVERSION, FINE_TUNE)
 
 
 def defaults_of_other_scripts(script: str) -> dict[str, Any]:

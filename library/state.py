@@ -53,7 +53,8 @@ class Names:
 
     @classmethod
     def from_cfg(cls, cfg) -> "Names":
-        return cls(cfg.output_name, "." + (cfg.save_model_as or "safetensors"))
+        fmt = cfg.save_model_as or "safetensors"
+        return cls(cfg.output_name, "" if fmt.startswith("diffusers") else "." + fmt)  # diffusers: a folder
 
     def epoch(self, epoch: int) -> str:
         return f"{self.output_name or 'epoch'}-{epoch:06d}"
@@ -318,7 +319,7 @@ def write_weights(method, ema, files: list[tuple[str, bool]], dtype, metadata: d
     for path, averaged in files:
         with ema.applied() if averaged else contextlib.nullcontext():
             meta = {**metadata, **ema.metadata()} if averaged and SESSION_KEY in metadata else metadata
-            if path.endswith(".safetensors"):
+            if path.endswith(".safetensors") or method.name == "fine_tune":  # a checkpoint: every format
                 method.save(path, dtype, meta)
             else:
                 tensors = {k: v.detach().to("cpu", dtype or v.dtype) for k, v in method.module.state_dict().items()}
@@ -334,6 +335,9 @@ def remove_save(run, stem: str) -> None:
         if os.path.isfile(path):
             logger.info("removing old save %s", path)
             os.remove(path)
+        elif os.path.isfile(os.path.join(path, "model_index.json")):  # a diffusers folder (fine_tune)
+            logger.info("removing old save %s", path)
+            shutil.rmtree(path)
 
 
 def remove_state(run, name: str) -> None:

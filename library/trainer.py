@@ -82,7 +82,7 @@ class Run:
             self.family.noise_scheduler = losses.zero_terminal_snr_scheduler(self.family.noise_scheduler)
         self.dataset.verify_bucket_reso_steps(self.family.bucket_divisor)
         self.weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision or "no"]
-        self._freeze_base()
+        self._freeze_base(method_cls.trained_models(cfg, self.family))
         self.method = method_cls(cfg, self.family)
         precision.cast_trained_network(self.method.module, cfg, self.weight_dtype)
         precision.compile_unet(self.family.unet, cfg)  # after the network has patched the UNet's layers
@@ -107,9 +107,10 @@ class Run:
         if cfg.full_fp16:
             precision.allow_fp16_gradients(self.accelerator.scaler)
 
-    def _freeze_base(self) -> None:
-        """Base weights never train in a network run; they may drop to the mixed-precision dtype (the VAE
-        too, unless --no_half_vae) or be stored in fp8 (--fp8_base); see library/precision.py."""
+    def _freeze_base(self, trained: list) -> None:
+        """Freeze the base model; the method unfreezes what it trains. Frozen weights may drop to the
+        mixed-precision dtype (the VAE too, unless --no_half_vae) or be stored in fp8 (--fp8_base); see
+        library/precision.py. `trained` (whole models a full fine-tune trains) keep float32."""
         fam = self.family
         for model in [fam.unet, fam.vae, *fam.text_encoders]:
             model.requires_grad_(False)
@@ -125,7 +126,8 @@ class Run:
                 te.gradient_checkpointing_enable()
         if self.weight_dtype != torch.float32:  # frozen weights in half precision save memory
             for model in precision.half_models(fam, self.cfg.no_half_vae):
-                model.to(dtype=self.weight_dtype)
+                if not any(model is kept for kept in trained):
+                    model.to(dtype=self.weight_dtype)
         precision.store_base_in_fp8(fam, self.cfg, self.weight_dtype)
 
     def _schedule_length(self) -> tuple[int, int]:
