@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# kohya's default TensorBoard run name of each script (--log_tracker_name overrides it)
+TRACKER_NAMES = {"network": "network_train", "embedding": "textual_inversion", "fine_tune": "finetuning"}
 
 
 def run(argv, script: str, method: str) -> int:
@@ -236,7 +238,7 @@ class Run:
         start = state.run_start(self)  # a start past the end stops here, before the report is written
         self._report_dataset()
         if self.logging_dir:
-            acc.init_trackers(cfg.log_tracker_name or "network_train")
+            acc.init_trackers(cfg.log_tracker_name or TRACKER_NAMES.get(self.method.name, "network_train"))
         self.metadata = build_training_metadata(
             cfg, dataset_info=self.dataset.info, family_name=self.family.name,
             v_prediction=self.family.v_prediction, num_batches_per_epoch=len(self.dataset),

@@ -283,3 +283,12 @@ def test_output_config_writes_the_embedding_options(tiny_model_dir, demo_data, t
     assert f'token_string = "{TOKEN}"' in text and 'init_word = "shape"' in text
     cfg = parse_args(["--config_file", str(path)], "train_textual_inversion")
     assert (cfg.token_string, cfg.init_word, cfg.learning_rate) == (TOKEN, "shape", 1e-2)
+
+
+def test_tensorboard_run_is_named_as_kohyas(tiny_model_dir, demo_data, tmp_path):
+    logs = tmp_path / "logs"
+    argv = ti_argv(tiny_model_dir, demo_data, str(tmp_path / "out"), "--max_train_steps", "1",
+                   "--logging_dir", str(logs))
+    assert train_textual_inversion.main(argv) == 0
+    (run_dir,) = os.listdir(logs)
+    assert os.listdir(logs / run_dir) == ["textual_inversion"]
