@@ -35,10 +35,16 @@ class NetworkMethod:
         return []
 
     def __init__(self, cfg, family):
+        from library import embeddings
+
         self.cfg = cfg
         self.family = family
         self.train_unet = not cfg.network_train_text_encoder_only
-        self.train_text_encoder = not cfg.network_train_unet_only
+        self._network_te = not cfg.network_train_unet_only  # the network has text-encoder layers that train
+        embeddings.check_network_options(cfg)
+        # --embedding_token_string: the text encoders run with gradients even for a U-Net-only network
+        self.embedding = embeddings.NetworkEmbedding(cfg, family) if cfg.embedding_token_string else None
+        self.train_text_encoder = self._network_te or self.embedding is not None
         plugin = load_plugin(cfg.network_module)
         kwargs = parse_network_args(cfg.network_args)
         check_weights_files(cfg, kwargs)  # a file the module cannot hold fails before anything loads
@@ -49,12 +55,15 @@ class NetworkMethod:
         self.network = self._create_network(plugin, kwargs, text_encoder)
         self._check_network_options()
         self.network.prepare_network(cfg)
-        self.network.apply_to(text_encoder, family.unet, self.train_text_encoder, self.train_unet)
+        self.network.apply_to(text_encoder, family.unet, self._network_te, self.train_unet)
         if cfg.network_weights:
             info = self.network.load_weights(cfg.network_weights)
             logger.info("loaded network weights from %s: %s", cfg.network_weights, info)
         self._text_encoder = text_encoder
         self._multiplier = 1.0
+        self._module = self.network.module
+        if self.embedding is not None:  # one module for accelerate, the EMA and the training state
+            self._module = NetworkWithEmbedding(self.network.module, self.embedding.tokens.vectors)
 
     def _create_network(self, plugin: PluginModule, kwargs: dict, text_encoder) -> PluginNetwork:
         """create_network from --network_dim / --network_alpha, or (--dim_from_weights) a network shaped
@@ -101,16 +110,20 @@ class NetworkMethod:
             names = self._default_group_names(len(groups))
         if not any(p.requires_grad for g in groups for p in g["params"]):
             raise UserError(f"--network_module {cfg.network_module}: no trainable parameters")
+        if self.embedding is not None:
+            first_te_lr = te_lr[0] if isinstance(te_lr, list) else te_lr
+            groups = [*groups, self.embedding.param_group(first_te_lr or cfg.learning_rate)]
+            names = [*names, "embedding"]
         return groups, names
 
     def _default_group_names(self, count: int) -> list[str]:
         # kohya's order: text encoder group first, then the UNet.
-        parts = (["textencoder"] if self.train_text_encoder else []) + (["unet"] if self.train_unet else [])
+        parts = (["textencoder"] if self._network_te else []) + (["unet"] if self.train_unet else [])
         return parts if len(parts) == count else [f"group{i}" for i in range(count)]
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.network.module
+        return self._module
 
     def on_epoch_start(self) -> None:
         self.network.on_epoch_start(self._text_encoder, self.family.unet)
@@ -136,8 +149,11 @@ class NetworkMethod:
         Parameters without a gradient are skipped by optimizers, weight decay and momentum included, so
         the layers keep their values exactly; the text encoder also runs without building a graph.
         """
+        if not self._network_te:
+            return  # already frozen: only the embedding keeps the text encoders running with gradients
         self.network.freeze_text_encoder()
-        self.train_text_encoder = False
+        self._network_te = False
+        self.train_text_encoder = self.embedding is not None  # the embedding keeps training
 
     def set_multiplier(self, multiplier: float) -> None:
         """The network's strength for the next batch (a dataset's network_multiplier); 1.0 as trained."""
@@ -146,10 +162,23 @@ class NetworkMethod:
             self._multiplier = multiplier
 
     def after_optimizer_step(self) -> None:
-        """Nothing to do after a step: the plug-in's own weights are all it trains."""
+        """With an embedding, its vectors go into the encoders' rows; the plug-in needs nothing."""
+        if self.embedding is not None:
+            self.embedding.tokens.sync()
 
     def save(self, path: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
         self.network.save_weights(path, dtype, metadata)
+        if self.embedding is not None:
+            self.embedding.save(path, dtype, metadata)
+
+
+class NetworkWithEmbedding(torch.nn.Module):
+    """The network's module and the embedding's vectors as the one trained module."""
+
+    def __init__(self, network: torch.nn.Module, vectors: torch.nn.Module):
+        super().__init__()
+        self.network = network
+        self.embedding = vectors
 
 
 def check_weights_files(cfg, kwargs: dict) -> None:
@@ -205,69 +234,14 @@ class EmbeddingMethod:
         self.cfg, self.family = cfg, family
         if not cfg.output_name:
             cfg.output_name = cfg.token_string  # kohya names the files after the token
-        encoders, tokenizers = family.text_encoders, family.tokenizers
-        labels = [f"tokenizer {i + 1}" if len(tokenizers) > 1 else "the tokenizer" for i in range(len(tokenizers))]
-        loaded = self._load_weights([te.get_input_embeddings().embedding_dim for te in encoders])
-        count = cfg.num_vectors_per_token = self._vector_count(loaded)
-        strings = embeddings.token_strings(cfg.token_string, count)
-        for tokenizer, label in zip(tokenizers, labels):  # every check before any tokenizer changes
-            embeddings.check_new_tokens(tokenizer, strings, label)
-        init_ids = [embeddings.init_token_ids(tok, cfg.init_word, count, label) if cfg.init_word else None
-                    for tok, label in zip(tokenizers, labels)]
-        keys = embeddings.file_keys(len(encoders))
-        start, self._rows = {}, []
-        for i, (key, tokenizer, encoder) in enumerate(zip(keys, tokenizers, encoders)):
-            tokenizer.add_tokens(strings)
-            ids = tokenizer.convert_tokens_to_ids(strings)
-            if len(set(ids)) != count or tokenizer.unk_token_id in ids:
-                raise UserError(f"--token_string {cfg.token_string}: {labels[i]} could not add {strings}")
-            embedding = embeddings.resize_for(encoder, ids)
-            with torch.no_grad():
-                if loaded is not None:
-                    start[key] = loaded[i]
-                elif init_ids[i] is not None:
-                    start[key] = embedding.weight[init_ids[i]].float()
-                else:  # kohya keeps what resizing gave the new rows
-                    start[key] = embedding.weight[ids].float()
-            self._rows.append((embedding, ids, key))
-            logger.info("%s: tokens %s added as ids %s", labels[i], strings, ids)
-        self.vectors = embeddings.TrainedVectors(start)
-        for embedding, ids, key in self._rows:
-            embeddings.route_new_ids(embedding, ids, self.vectors, key)
-        self.after_optimizer_step()
-        self.token_ids = [ids for _, ids, _ in self._rows]
+        self.tokens = embeddings.NewTokens(family, cfg.token_string, cfg.init_word, cfg.num_vectors_per_token,
+                                           cfg.weights)
+        cfg.num_vectors_per_token = self.tokens.count
+        self.vectors, self.token_ids = self.tokens.vectors, self.tokens.token_ids
         templates = (embeddings.OBJECT_TEMPLATES if cfg.use_object_template
                      else embeddings.STYLE_TEMPLATES if cfg.use_style_template else None)
-        self.captions = embeddings.CaptionRewriter(cfg.token_string, strings, templates, cfg.seed or 0)
-        self._wrap_family_text()
-
-    def _load_weights(self, dims: list[int]) -> list[torch.Tensor] | None:
-        from library import embeddings
-
-        path = self.cfg.weights
-        if not path:
-            return None
-        vectors = embeddings.vectors_for_encoders(embeddings.read_embedding_file(path), dims, path)
-        logger.info("starting from the %d vector(s) of %s", vectors[0].shape[0], path)
-        return vectors
-
-    def _vector_count(self, loaded: list[torch.Tensor] | None) -> int:
-        """--num_vectors_per_token, or the vector count of --weights (which it must match when both are given)."""
-        given = self.cfg.num_vectors_per_token
-        if loaded is None:
-            return given or 1
-        found = loaded[0].shape[0]
-        if given is not None and given != found:
-            raise UserError(f"--weights {self.cfg.weights} holds {found} vector(s) per token but "
-                            f"--num_vectors_per_token is {given}: leave it out to take the file's count")
-        return found
-
-    def _wrap_family_text(self) -> None:
-        fam, captions = self.family, self.captions
-        encode, prompt_embeds, count_tokens = fam.encode_conditioning, fam.prompt_embeds, fam.count_tokens
-        fam.encode_conditioning = lambda texts: encode([captions.caption(t) for t in texts])
-        fam.prompt_embeds = lambda prompt, negative: prompt_embeds(captions.expand(prompt), captions.expand(negative))
-        fam.count_tokens = lambda text: count_tokens(captions.expand(text))
+        self.captions = embeddings.CaptionRewriter(cfg.token_string, self.tokens.strings, templates, cfg.seed or 0)
+        embeddings.wrap_family_text(family, self.captions)
 
     def param_groups(self) -> tuple[list, list[str]]:
         return [{"params": list(self.vectors.parameters()), "lr": self.cfg.learning_rate}], ["embedding"]
@@ -294,17 +268,13 @@ class EmbeddingMethod:
     def after_optimizer_step(self) -> None:
         """Copy the trained vectors into the text encoders' rows for the new ids (every other row is never
         touched: the vectors are separate parameters, see library/embeddings.py)."""
-        from library.embeddings import sync_rows
-
-        for embedding, ids, key in self._rows:
-            sync_rows(embedding, ids, getattr(self.vectors, key))
+        self.tokens.sync()
 
     def save(self, path: str, dtype: torch.dtype | None, metadata: dict | None) -> None:
         """The embedding file (A1111 / ComfyUI layout) with `metadata` and its model hashes."""
         from library.saving import add_model_hashes, save_safetensors
 
-        tensors = {key: value.detach().to("cpu", dtype or torch.float32)
-                   for key, value in self.vectors.state_dict().items()}
+        tensors = self.tokens.tensors(dtype)
         save_safetensors(tensors, path, add_model_hashes(tensors, metadata) if metadata is not None else None)
 
 

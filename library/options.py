@@ -393,6 +393,20 @@ SDTUNE = _group("sdtune", [
            "averaged weights as NAME) or raw", choices=("both", "ema", "raw"), supported=S, kohya=False),
     Option("ema_sample", str, "ema", "with --ema, sample images with the ema weights, the raw ones or both",
            choices=("ema", "raw", "both"), supported=S, kohya=False),
+    # an embedding trained with the network (pivotal tuning; OneTrainer's additional embeddings)
+    Option("embedding_token_string", str, None, "also train a new word's embedding with the network (pivotal "
+           "tuning): it joins every tokenizer, captions and sample prompts use it", supported=S, kohya=False),
+    Option("embedding_init_word", str, None, "word(s) whose token vectors start the embedding (default: "
+           "random vectors)", supported=S, kohya=False),
+    Option("embedding_num_vectors", int, None, "vectors of the embedding (default: 1, or the count of "
+           "--embedding_weights)", supported=S, kohya=False),
+    Option("embedding_lr", float, None, "learning rate of the embedding (default: the first --text_encoder_lr, "
+           "else --learning_rate)", supported=S, kohya=False),
+    Option("embedding_weights", str, None, "continue from an embedding file, or from the embedding bundled in a "
+           "LoRA file", supported=S, kohya=False),
+    Option("embedding_save", str, "file", "where the embedding is saved: file (NAME_emb.safetensors beside each "
+           "network file), bundle (inside the network file, as A1111 / Forge read) or both",
+           choices=("file", "bundle", "both"), supported=S, kohya=False),
 ])
 
 # kohya's train_textual_inversion.py setup_parser: the shared add_*_arguments functions, except caption

@@ -330,7 +330,9 @@ def write_weights(method, ema, files: list[tuple[str, bool]], dtype, metadata: d
 def remove_save(run, stem: str) -> None:
     """Remove an older save (both its raw and EMA files), as --save_last_n_* ask."""
     extension = Names.from_cfg(run.cfg).extension
-    for name in (stem + extension, stem + "-ema" + extension):
+    # with --embedding_token_string a network save has its embedding file beside it (NAME_emb)
+    names = [name + suffix + extension for name in (stem, stem + "-ema") for suffix in ("", "_emb")]
+    for name in names:
         path = os.path.join(run.cfg.output_dir, name)
         if os.path.isfile(path):
             logger.info("removing old save %s", path)

@@ -399,7 +399,9 @@ class Run:
         """--text_encoder_train_epochs: once `epoch` epochs are done (1-based), the text encoder's part of
         the network is frozen. It depends on `epoch` only, so a resumed run calls it with its epoch count."""
         limit = self.cfg.text_encoder_train_epochs
-        if limit and epoch >= limit and self.method.train_text_encoder:
+        # an embedding trained with the network keeps the text encoders running with gradients: stop once
+        if limit and epoch >= limit and self.method.train_text_encoder and not getattr(self, "_te_stopped", False):
+            self._te_stopped = True
             self.method.stop_text_encoder_training()
             logger.info("text encoder training stopped after epoch %d (--text_encoder_train_epochs)", epoch)
 

@@ -34,7 +34,8 @@ def error_of(argv) -> str:
 SDTUNE_OPTIONS = [
     "unsafe_load_ckpt", "skip_bad_images", "masked_loss_unmasked_weight", "masked_loss_unmasked_probability",
     "masked_loss_normalize", "text_encoder_train_epochs", "ema", "ema_decay", "ema_update_interval", "ema_device",
-    "ema_save", "ema_sample",
+    "ema_save", "ema_sample", "embedding_token_string", "embedding_init_word", "embedding_num_vectors",
+    "embedding_lr", "embedding_weights", "embedding_save",
 ]
 
 
