@@ -227,10 +227,16 @@ class EmbeddingMethod:
         """Whole models this method trains: none (it adds its own weights)."""
         return []
 
-    def __init__(self, cfg, family):
+    @staticmethod
+    def check_options(cfg) -> None:
+        """The embedding options alone: the run calls this before anything loads."""
         from library import embeddings
 
         embeddings.check_options(cfg)
+
+    def __init__(self, cfg, family):
+        from library import embeddings
+
         self.cfg, self.family = cfg, family
         if not cfg.output_name:
             cfg.output_name = cfg.token_string  # kohya names the files after the token

@@ -64,6 +64,8 @@ class Run:
 
         check_required(cfg)
         optim.validate(cfg)  # names, packages and argument keys: checked before anything loads
+        if hasattr(method_cls, "check_options"):
+            method_cls.check_options(cfg)  # the method's own options, before anything loads
         self.sampler = sampling.Sampler.from_config(cfg)  # a bad prompt file stops the run here
         caching.resolve_cache_options(cfg)
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 import pytest
 import torch
@@ -66,6 +68,61 @@ def files_under(path) -> list[str]:
     for root, _, names in os.walk(path):
         found += [os.path.join(root, n) for n in names]
     return sorted(found)
+
+
+# --- diffusers interop: load a LoRA file with load_lora_weights, fuse, compare with our own change ---
+
+def pipeline_models(pipe) -> dict[str, torch.nn.Module]:
+    models = {"text_encoder": pipe.text_encoder, "unet": pipe.unet}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        models["text_encoder_2"] = pipe.text_encoder_2
+    return models
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def load_fuse_and_compare(pipe, path: str, deltas: dict, capfd) -> None:
+    """diffusers' load_lora_weights takes every key of `path` (no warning, no unexpected key), adapts exactly
+    the layers in `deltas`, and fusing gives W + delta for those and leaves every other weight as it was."""
+    models = pipeline_models(pipe)
+    base = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in models.items()}
+    records = _Records()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
+    for logger in loggers:
+        logger.addHandler(records)
+    capfd.readouterr()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(path)  # raises on a key it cannot rename
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
+    assert not [str(w.message) for w in caught if "did not match" in str(w.message)]
+    assert "UNEXPECTED" not in capfd.readouterr().err
+    assert not [m for m in records.messages if "unexpected" in m.lower() or "did not match" in m]
+    adapted = {(name, p) for name, m in models.items() for p, sub in m.named_modules() if hasattr(sub, "lora_A")}
+    assert adapted == set(deltas)
+
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    for name, model in models.items():
+        fused = model.state_dict()
+        assert fused.keys() == base[name].keys()
+        for key, weight in fused.items():
+            module_path = key.rpartition(".")[0]
+            if key.endswith(".weight") and (name, module_path) in deltas:
+                want = base[name][key] + deltas[(name, module_path)]
+                torch.testing.assert_close(weight, want, atol=2e-6, rtol=0, msg=key)
+            else:
+                assert torch.equal(weight, base[name][key]), key
 
 
 # --- H1: SD2 fixtures ---

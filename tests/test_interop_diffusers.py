@@ -3,8 +3,6 @@ train_network.py writes, and sdtune reads files in sd-scripts' own format."""
 
 from __future__ import annotations
 
-import logging
-import warnings
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from library.models import load_model
 from library.models.synthetic import build_sd1_components
 from library.trainer import Run
 from networks import dylora, lora
-from tests.conftest import train_argv
+from tests.conftest import load_fuse_and_compare, train_argv
 
 torch.set_num_threads(1)
 
@@ -42,15 +40,6 @@ def trained_files(tiny_model_dir, demo_data, tmp_path_factory) -> dict[str, str]
     return files
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def _sdtune_deltas(kind: str, path: str) -> dict[tuple[str, str], torch.Tensor]:
     """(model, module path) -> the weight change sdtune's own network applies for this file."""
     module = MODULES[TRAINED[kind][1]]
@@ -69,40 +58,7 @@ def test_diffusers_consumes_every_key_and_fuses_our_delta(kind, trained_files, t
     deltas = _sdtune_deltas(kind, path)
     assert len(deltas) == {"lora": 60, "locon": 91, "dylora": 91}[kind]
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
-    models = {"text_encoder": pipe.text_encoder, "unet": pipe.unet}
-    base = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in models.items()}
-
-    records = _Records()
-    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
-    for logger in loggers:
-        logger.addHandler(records)
-    capfd.readouterr()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(path)  # raises on a key it cannot rename
-    finally:
-        for logger in loggers:
-            logger.removeHandler(records)
-    # peft warns about unmatched layers, transformers reports UNEXPECTED keys, diffusers logs its own
-    assert not [str(w.message) for w in caught if "did not match" in str(w.message)]
-    assert "UNEXPECTED" not in capfd.readouterr().err
-    assert not [m for m in records.messages if "unexpected" in m.lower() or "UNEXPECTED" in m]
-    adapted = {(name, p) for name, m in models.items() for p, sub in m.named_modules() if hasattr(sub, "lora_A")}
-    assert adapted == set(deltas)
-
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()  # keeps the fused weights, drops the adapters
-    for name, model in models.items():
-        fused = model.state_dict()
-        assert fused.keys() == base[name].keys()
-        for key, weight in fused.items():
-            module_path = key.rpartition(".")[0]
-            if key.endswith(".weight") and (name, module_path) in deltas:
-                want = base[name][key] + deltas[(name, module_path)]
-                torch.testing.assert_close(weight, want, atol=2e-6, rtol=0, msg=key)
-            else:
-                assert torch.equal(weight, base[name][key]), key
+    load_fuse_and_compare(pipe, path, deltas, capfd)
 
 
 # --- files in sd-scripts' format, written here from kohya's naming rule -------------------------------

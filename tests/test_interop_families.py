@@ -3,9 +3,7 @@ kohya <-> diffusers conversion is lossless, and sdtune loads its own SDXL files 
 
 from __future__ import annotations
 
-import logging
 import re
-import warnings
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from library.saving import save_safetensors
 from library.trainer import Run
 from networks import lora, lycoris_compat
 from networks.targets import text_encoder_list, unet_renames
-from tests.conftest import train_argv
+from tests.conftest import load_fuse_and_compare, pipeline_models, train_argv
 
 torch.set_num_threads(1)
 
@@ -39,13 +37,6 @@ def _pipeline(family: str, folder: str):
 
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     return cls.from_pretrained(folder, local_files_only=True)
-
-
-def _models(pipe) -> dict[str, torch.nn.Module]:
-    models = {"text_encoder": pipe.text_encoder, "unet": pipe.unet}
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        models["text_encoder_2"] = pipe.text_encoder_2
-    return models
 
 
 def _text_encoders(models: dict):
@@ -77,52 +68,6 @@ def sdtune_deltas(models: dict, path: str) -> dict[tuple[str, str], torch.Tensor
     return {paths[id(layer.org_module)]: layer.get_weight(1.0).detach() for layer in network.loras}
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def load_fuse_and_compare(pipe, path: str, deltas: dict, capfd) -> None:
-    """diffusers' load_lora_weights takes every key of `path` (no warning, no unexpected key), adapts exactly
-    the layers in `deltas`, and fusing gives W + delta for those and leaves every other weight as it was."""
-    models = _models(pipe)
-    base = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in models.items()}
-    records = _Records()
-    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
-    for logger in loggers:
-        logger.addHandler(records)
-    capfd.readouterr()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(path)  # raises on a key it cannot rename
-    finally:
-        for logger in loggers:
-            logger.removeHandler(records)
-    assert not [str(w.message) for w in caught if "did not match" in str(w.message)]
-    assert "UNEXPECTED" not in capfd.readouterr().err
-    assert not [m for m in records.messages if "unexpected" in m.lower() or "did not match" in m]
-    adapted = {(name, p) for name, m in models.items() for p, sub in m.named_modules() if hasattr(sub, "lora_A")}
-    assert adapted == set(deltas)
-
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    for name, model in models.items():
-        fused = model.state_dict()
-        assert fused.keys() == base[name].keys()
-        for key, weight in fused.items():
-            module_path = key.rpartition(".")[0]
-            if key.endswith(".weight") and (name, module_path) in deltas:
-                want = base[name][key] + deltas[(name, module_path)]
-                torch.testing.assert_close(weight, want, atol=2e-6, rtol=0, msg=key)
-            else:
-                assert torch.equal(weight, base[name][key]), key
-
-
 @pytest.fixture(scope="module")
 def family_dirs(tiny_sd2_dir, tiny_sdxl_dir) -> dict[str, str]:
     return {"sd2": tiny_sd2_dir, "sdxl": tiny_sdxl_dir}
@@ -143,7 +88,7 @@ def trained_files(family_dirs, demo_data, tmp_path_factory) -> dict[tuple[str, s
 @pytest.mark.parametrize("family, kind", TRAINED)
 def test_diffusers_loads_a_trained_file_exactly(family, kind, trained_files, family_dirs, capfd):
     pipe = _pipeline(family, family_dirs[family])
-    models = _models(pipe)
+    models = pipeline_models(pipe)
     path = trained_files[(family, kind)]
     assert {key.partition(".")[0] for key in load_file(path)} == {
         m.lora_name for m in lora.create_network(1.0, 4, 2, None, _text_encoders(models), models["unet"],
@@ -173,7 +118,7 @@ def test_trainer_reloads_an_sdxl_file_on_every_layer(extra, trained_files, tiny_
     got = _unet_output(run.family.unet)
 
     pipe = _pipeline("sdxl", tiny_sdxl_dir)
-    models = _models(pipe)
+    models = pipeline_models(pipe)
     network, _ = lora.create_network_from_weights(1.0, path, None, _text_encoders(models), models["unet"])
     network.apply_to(_text_encoders(models), models["unet"])
     network.load_weights(path)
@@ -184,7 +129,7 @@ def test_trainer_reloads_an_sdxl_file_on_every_layer(extra, trained_files, tiny_
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_diffusers_loads_our_file_exactly(family, kind, family_dirs, tmp_path, capfd):
     pipe = _pipeline(family, family_dirs[family])
-    models = _models(pipe)
+    models = pipeline_models(pipe)
     path = str(tmp_path / "net.safetensors")
     sd = write_network(models, kind, path)
     layers = {key.partition(".")[0] for key in sd}
@@ -204,7 +149,7 @@ def test_diffusers_loads_our_file_exactly(family, kind, family_dirs, tmp_path, c
 
 def test_sdxl_convert_round_trip_is_exact_and_diffusers_reads_it(tiny_sdxl_dir, tmp_path, capfd):
     pipe = _pipeline("sdxl", tiny_sdxl_dir)
-    models = _models(pipe)
+    models = pipeline_models(pipe)
     src = str(tmp_path / "kohya.safetensors")
     sd = write_network(models, "locon", src)
     deltas = sdtune_deltas(models, src)
@@ -276,7 +221,7 @@ def test_resize_and_check_keep_sdxl_names(tiny_sdxl_dir, tmp_path, capfd):
     """tools/resize_lora.py and tools/check_lora_weights.py work on kohya's SDXL names; the resized file
     still loads into diffusers on every layer."""
     pipe = _pipeline("sdxl", tiny_sdxl_dir)
-    models = _models(pipe)
+    models = pipeline_models(pipe)
     src = str(tmp_path / "locon.safetensors")
     sd = write_network(models, "locon", src)
     report = inspect_state_dict(sd)
@@ -294,7 +239,7 @@ def test_lycoris_locon_on_sdxl_uses_kohya_names_everywhere(tiny_sdxl_dir, tmp_pa
     onto every layer and diffusers loads them exactly, the time / size embeddings and conv_in / conv_out
     of lycoris' default preset included."""
     def encoders_and_unet():
-        models = _models(_pipeline("sdxl", tiny_sdxl_dir))
+        models = pipeline_models(_pipeline("sdxl", tiny_sdxl_dir))
         return models, [models["text_encoder"], models["text_encoder_2"]], models["unet"]
 
     models, encoders, unet = encoders_and_unet()

@@ -205,7 +205,13 @@ def test_errors_are_one_line_and_write_nothing(tiny_model_dir, demo_data, tmp_pa
     assert not out.exists()
 
 
-def test_missing_token_string(tiny_model_dir, demo_data, tmp_path, capsys):
+def test_missing_token_string(tiny_model_dir, demo_data, tmp_path, capsys, monkeypatch):
+    import library.trainer
+
+    def no_load(cfg):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(library.trainer, "load_model", no_load)
     argv = [a for a in ti_argv(tiny_model_dir, demo_data, str(tmp_path / "out")) if a not in ("--token_string", TOKEN)]
     assert train_textual_inversion.main(argv) == 2
     assert "--token_string is required" in capsys.readouterr().err
