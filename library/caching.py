@@ -500,10 +500,10 @@ def _read_array(npz_path: str, name: str) -> np.ndarray:
 
 # --- text-encoder outputs (library/dataset/text_cache.py) -----------------------------------------
 
-def check_text_cache_options(cfg, dataset) -> None:
+def check_text_cache_options(cfg, dataset, text_encoder_trains: bool | None = None) -> None:
     """Before the model loads: --cache_text_encoder_outputs needs frozen text encoders and captions that
     never change; anything else is a one-line UserError naming the option."""
-    text_cache.check_options(cfg, dataset)
+    text_cache.check_options(cfg, dataset, text_encoder_trains)
 
 
 def make_text_cache(cfg, family):

@@ -137,6 +137,13 @@ class FullModelMethod:
             raise UserError("nothing to train: --learning_rate is 0 and no text encoder trains")
         return models
 
+    @staticmethod
+    def text_encoder_trains(cfg) -> bool:
+        """--train_text_encoder, unless every text-encoder rate given is 0 (known before anything loads)."""
+        rates = [getattr(cfg, n, None) for n in ("learning_rate_te", "learning_rate_te1", "learning_rate_te2")]
+        given = [r for r in rates if r is not None]
+        return bool(getattr(cfg, "train_text_encoder", False)) and not (given and all(r == 0 for r in given))
+
     @property
     def module(self) -> torch.nn.Module:
         return self.models

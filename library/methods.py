@@ -34,6 +34,18 @@ class NetworkMethod:
         """Whole models this method trains: none (it adds its own weights)."""
         return []
 
+    @staticmethod
+    def text_encoder_trains(cfg) -> bool:
+        """Whether the run trains text-encoder weights (known before anything loads)."""
+        return not cfg.network_train_unet_only
+
+    @staticmethod
+    def check_options(cfg) -> None:
+        """--embedding_* options alone: the run calls this before anything loads."""
+        from library import embeddings
+
+        embeddings.check_network_options(cfg)
+
     def __init__(self, cfg, family):
         from library import embeddings
 
@@ -226,6 +238,10 @@ class EmbeddingMethod:
     def trained_models(cfg, family) -> list:
         """Whole models this method trains: none (it adds its own weights)."""
         return []
+
+    @staticmethod
+    def text_encoder_trains(cfg) -> bool:
+        return True  # the new vectors sit at the text encoders' input
 
     @staticmethod
     def check_options(cfg) -> None:

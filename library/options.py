@@ -457,7 +457,7 @@ FT_TAKES = frozenset({
     "no_half_vae", "unsafe_load_ckpt", "skip_bad_images",
     "masked_loss_unmasked_weight", "masked_loss_unmasked_probability", "masked_loss_normalize",
     "ema", "ema_decay", "ema_update_interval", "ema_device", "ema_save", "ema_sample",
-    "text_encoder_train_epochs",
+    "text_encoder_train_epochs", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
 })
 
 FINE_TUNE_ROWS = _group(FINE_TUNE, [

@@ -78,7 +78,8 @@ class Run:
         self.cfg = cfg
         self.dataset = build_dataset(cfg)  # before the model: a bad folder is reported in a second
         if cfg.cache_text_encoder_outputs:
-            caching.check_text_cache_options(cfg, self.dataset)  # fixed captions, frozen text encoders
+            # fixed captions, frozen text encoders (the method says whether its run trains one)
+            caching.check_text_cache_options(cfg, self.dataset, method_cls.text_encoder_trains(cfg))
         self.family = load_model(cfg)
         inpainting.check_options(cfg, self.family)  # a 9-channel U-Net needs its images at every step
         self.loss_settings.check_prediction(self.family.v_prediction, cfg.zero_terminal_snr)  # a folder may set v

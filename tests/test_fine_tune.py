@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import library.options
+from diffusers import UNet2DConditionModel
 from library import trainer
 from library.config import parse_args
 from library.errors import UserError
@@ -20,10 +20,6 @@ from library.models import single_file
 from library.models.synthetic import build_sd1_pipeline_folder
 from tests.test_dataset import write_image
 
-WIRED = "fine_tune" in library.options.SCRIPTS
-needs_wiring = pytest.mark.skipif(not WIRED, reason="fine_tune options not wired into library.options yet")
-FT_DEFAULTS = {"train_text_encoder": False, "learning_rate_te": None, "learning_rate_te1": None,
-               "learning_rate_te2": None, "use_safetensors": False, "block_lr": None, "diffusers_xformers": False}
 
 
 @pytest.fixture
@@ -46,9 +42,9 @@ def ft_argv(model, root, *extra) -> list[str]:
 
 
 def ft_cfg(model, root, *extra, **options):
-    """Until fine_tune's rows are wired: train_network's parser plus fine_tune's options set by hand."""
-    cfg = parse_args(ft_argv(model, root, *extra))
-    for name, value in {**FT_DEFAULTS, "save_model_as": None, **options}.items():
+    """fine_tune's resolved options for ft_argv, with `options` set on top."""
+    cfg = parse_args(ft_argv(model, root, *extra), "fine_tune")
+    for name, value in options.items():
         setattr(cfg, name, value)
     return cfg
 
@@ -194,7 +190,6 @@ def test_bf16_keeps_trained_weights_float32_and_saves_fp16(sd1_file, ft_data):
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
 
 
-@needs_wiring
 def test_bf16_run_does_not_round_the_trained_weights(sd1_file, ft_data):
     _, path = sd1_file
     _, base = single_file.load_model(path)
@@ -296,7 +291,6 @@ def test_sdxl_per_encoder_rates_and_block_lr(tiny_sdxl_dir, ft_data, tmp_path):
 
 # --- fine_tune.py itself (once its options are wired) -------------------------------------------------------
 
-@needs_wiring
 def test_fine_tune_main_writes_a_checkpoint(sd1_file, ft_data):
     import fine_tune
 
@@ -310,7 +304,6 @@ def test_fine_tune_main_writes_a_checkpoint(sd1_file, ft_data):
     assert max_diff(pipe.unet, base.unet) > 0 and max_diff(pipe.text_encoder, base.text_encoder) == 0.0
 
 
-@needs_wiring
 def test_fine_tune_main_diffusers_folder(sd1_file, ft_data):
     import fine_tune
 
@@ -324,7 +317,6 @@ def test_fine_tune_main_diffusers_folder(sd1_file, ft_data):
     assert pipe.unet is not None
 
 
-@needs_wiring
 def test_fine_tune_saves_folders_per_epoch_and_keeps_the_last_n(sd1_file, ft_data):
     import fine_tune
 
@@ -337,10 +329,24 @@ def test_fine_tune_saves_folders_per_epoch_and_keeps_the_last_n(sd1_file, ft_dat
     assert os.path.isfile(out / "ft" / "model_index.json")
 
 
-@needs_wiring
 def test_fine_tune_refuses_reg_data_dir(sd1_file, ft_data, capsys):
     import fine_tune
 
     _, path = sd1_file
     assert fine_tune.main(ft_argv(path, ft_data, "--reg_data_dir", str(ft_data))) == 2
     assert not os.path.exists(ft_data / "out")
+
+
+def test_sdxl_cached_text_encoder_outputs_train_the_unet(tiny_sdxl_dir, ft_data, capsys):
+    """kohya's sdxl_train.py low-memory path: the U-Net trains on text-encoder outputs encoded once."""
+    import sdxl_train
+
+    argv = ft_argv(tiny_sdxl_dir, ft_data, "--cache_text_encoder_outputs", "--save_model_as", "diffusers_safetensors")
+    assert sdxl_train.main(argv) == 0
+    unet = UNet2DConditionModel.from_pretrained(str(ft_data / "out" / "last"), subfolder="unet")
+    base = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    assert max_diff(unet, base) > 0
+    assert sdxl_train.main(argv + ["--train_text_encoder"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--cache_text_encoder_outputs cannot be used with --train_text_encoder: a text encoder that trains "
+        "cannot use outputs encoded once (kohya refuses it too)")

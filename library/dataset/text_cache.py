@@ -63,11 +63,16 @@ def _datasets(dataset) -> list:
     return list(getattr(dataset, "datasets", [dataset]))
 
 
-def check_options(cfg, dataset) -> None:
-    """Refuse, in one line, what cached outputs cannot serve: a text encoder that trains, and captions
-    that change between steps (an option on for the run or for one subset, or a caption file of several
-    lines, of which sdtune draws one per sample)."""
-    if trains_text_encoder(cfg):
+def check_options(cfg, dataset, text_encoder_trains: bool | None = None) -> None:
+    """Refuse, in one line, what cached outputs cannot serve: a text encoder that trains (the run's method
+    says whether one does; by default the network rule), and captions that change between steps (an option
+    on for the run or for one subset, or a caption file of several lines, of which sdtune draws one per sample)."""
+    if text_encoder_trains is None:
+        text_encoder_trains = trains_text_encoder(cfg)
+    if text_encoder_trains and getattr(cfg, "train_text_encoder", False):
+        raise UserError("--cache_text_encoder_outputs cannot be used with --train_text_encoder: a text encoder "
+                        "that trains cannot use outputs encoded once (kohya refuses it too)")
+    if text_encoder_trains:
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only: a text encoder that "
                         "trains cannot use outputs encoded once (kohya refuses it too)")
     for ds in _datasets(dataset):
