@@ -95,18 +95,24 @@ class SD1Family:
     def __init__(self, unet, vae, text_encoder, tokenizer, *, model_path: str, vae_path: str | None = None,
                  v_prediction: bool = False, max_token_length: int | None = None, clip_skip: int | None = None,
                  weighted_captions: bool = False):
-        if max_token_length not in MAX_TOKEN_LENGTHS:
-            raise UserError(f"--max_token_length must be 75, 150 or 225, not {max_token_length}")
         layers = text_encoder.config.num_hidden_layers
         if clip_skip is not None and not 1 <= clip_skip <= layers:
             raise UserError(f"--clip_skip must be between 1 and {layers} for this text encoder, not {clip_skip}")
+        self._set_parts(unet, vae, [text_encoder], [tokenizer], model_path, vae_path, v_prediction, max_token_length,
+                        weighted_captions)
+        self.clip_skip = clip_skip
+
+    def _set_parts(self, unet, vae, text_encoders: list, tokenizers: list, model_path: str, vae_path: str | None,
+                   v_prediction: bool, max_token_length: int | None, weighted_captions: bool) -> None:
+        """What every family holds (SDXL's __init__ calls this too)."""
+        if max_token_length not in MAX_TOKEN_LENGTHS:
+            raise UserError(f"--max_token_length must be 75, 150 or 225, not {max_token_length}")
         self.unet, self.vae = unet, vae
-        self.text_encoders, self.tokenizers = [text_encoder], [tokenizer]
+        self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
         self.noise_scheduler = kohya_noise_scheduler()
         self.model_path, self.vae_path = model_path, vae_path
         self.v_prediction = v_prediction
         self.max_token_length = None if max_token_length == 75 else max_token_length
-        self.clip_skip = clip_skip
         self.weighted_captions = weighted_captions
 
     @property

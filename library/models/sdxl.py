@@ -21,8 +21,7 @@ from library.errors import UserError
 from library.models import files
 from library.models.files import folder_prediction_type
 from library.models.sd1 import (
-    CHUNK, MAX_TOKEN_LENGTHS, SD1Family, _no_transformers_progress_bar, kohya_noise_scheduler, merge_chunk_states,
-    tokenize_captions,
+    CHUNK, MAX_TOKEN_LENGTHS, SD1Family, _no_transformers_progress_bar, merge_chunk_states, tokenize_captions,
 )
 from library.prompt_weights import apply_token_weights
 
@@ -43,19 +42,12 @@ class SDXLFamily(SD1Family):
     def __init__(self, unet, vae, text_encoders, tokenizers, *, model_path: str, vae_path: str | None = None,
                  v_prediction: bool = False, max_token_length: int | None = None, clip_skip: int | None = None,
                  weighted_captions: bool = False):
-        if max_token_length not in MAX_TOKEN_LENGTHS:
-            raise UserError(f"--max_token_length must be 75, 150 or 225, not {max_token_length}")
         if clip_skip is not None:
             logger.warning("--clip_skip %d is ignored for SDXL: it always uses the penultimate layer of both "
                            "text encoders (as kohya)", clip_skip)
-        self.unet, self.vae = unet, vae
-        self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
-        self.noise_scheduler = kohya_noise_scheduler()
-        self.model_path, self.vae_path = model_path, vae_path
-        self.v_prediction = v_prediction
-        self.max_token_length = None if max_token_length == 75 else max_token_length
+        self._set_parts(unet, vae, text_encoders, tokenizers, model_path, vae_path, v_prediction, max_token_length,
+                        weighted_captions)
         self.clip_skip = None
-        self.weighted_captions = weighted_captions
 
     # --- loading ----------------------------------------------------------------------------------
 
