@@ -7,6 +7,7 @@ checkpoints (`.ckpt`, `.pt`, `.bin`) run code when loaded and are refused unless
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -229,3 +230,27 @@ def folder_prediction_type(path: str) -> str | None:
             return json.load(f).get("prediction_type")
     except (OSError, json.JSONDecodeError):
         return None  # the scheduler config is not needed for training: decide as for a single file
+
+
+def load_subfolder(loader, path: str, subfolder: str):
+    """`loader.from_pretrained` of one component of a local diffusers folder; UserError naming the folder."""
+    try:
+        with _no_transformers_progress_bar():
+            return loader.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot load {subfolder}/ ({str(exc).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def _no_transformers_progress_bar():
+    """transformers 5 draws a progress bar per model load; a tiny load then litters stderr, which
+    should hold nothing but a one-line error when something goes wrong."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -9,7 +9,6 @@ Text handling follows kohya sd-scripts so that trained files behave the same the
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
@@ -158,11 +157,7 @@ class SD1Family:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         def load(loader, subfolder):
-            try:
-                with _no_transformers_progress_bar():
-                    return loader.from_pretrained(path, subfolder=subfolder, local_files_only=True)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"{path}: cannot load {subfolder}/ ({str(exc).splitlines()[0]})") from None
+            return files.load_subfolder(loader, path, subfolder)
 
         unet = load(UNet2DConditionModel, "unet")
         vae = load(AutoencoderKL, "vae")
@@ -296,19 +291,4 @@ class SD1Family:
         """Latents (times the scaling factor) -> pixels in [-1, 1], computed in the VAE's own dtype."""
         param = next(self.vae.parameters())
         return self.vae.decode(latents.to(param.device, param.dtype) / self.vae.config.scaling_factor).sample
-
-
-@contextlib.contextmanager
-def _no_transformers_progress_bar():
-    """transformers 5 draws a progress bar per model load; a tiny load then litters stderr, which
-    should hold nothing but a one-line error when something goes wrong."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 

@@ -21,7 +21,7 @@ from library.errors import UserError
 from library.models import files
 from library.models.files import folder_prediction_type
 from library.models.sd1 import (
-    CHUNK, MAX_TOKEN_LENGTHS, SD1Family, _no_transformers_progress_bar, merge_chunk_states, tokenize_captions,
+    CHUNK, MAX_TOKEN_LENGTHS, SD1Family, merge_chunk_states, tokenize_captions,
 )
 from library.prompt_weights import apply_token_weights
 
@@ -88,11 +88,7 @@ class SDXLFamily(SD1Family):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         def load(loader, subfolder):
-            try:
-                with _no_transformers_progress_bar():
-                    return loader.from_pretrained(path, subfolder=subfolder, local_files_only=True)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"{path}: cannot load {subfolder}/ ({str(exc).splitlines()[0]})") from None
+            return files.load_subfolder(loader, path, subfolder)
 
         tokenizers = [load(CLIPTokenizer, sub) if os.path.isdir(os.path.join(path, sub)) else None
                       for sub in ("tokenizer", "tokenizer_2")]

@@ -323,10 +323,7 @@ def load_folder(family_name: str, path: str, with_vae: bool = True) -> dict:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     def load(loader, subfolder):
-        try:
-            return loader.from_pretrained(path, subfolder=subfolder, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{path}: cannot load {subfolder}/ ({str(exc).splitlines()[0]})") from None
+        return files.load_subfolder(loader, path, subfolder)
 
     encoders = [load(CLIPTextModelWithProjection if s.with_projection else CLIPTextModel, s.config_name)
                 for s in _family(family_name)]
